@@ -1,0 +1,24 @@
+"""The ``asib`` command line: one small module per command, errors turned into exit codes in _common."""
+
+from __future__ import annotations
+
+import typer
+
+from asib.cli import distill, evaluate, finetune_teacher, prepare_data, recipe_cmd
+
+app = typer.Typer(
+    name="asib",
+    help="Multi-teacher knowledge distillation of image classifiers, one pipeline step per command.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("prepare-data")(prepare_data.prepare_data)
+app.command("finetune-teacher")(finetune_teacher.finetune_teacher)
+app.command("distill")(distill.distill)
+app.command("evaluate")(evaluate.evaluate)
+app.add_typer(recipe_cmd.app, name="recipe")
+
+
+def main() -> None:
+    app()

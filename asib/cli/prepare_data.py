@@ -1,0 +1,32 @@
+"""``asib prepare-data RECIPE``: raw images to prepared tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from asib.cli._common import ForceOpt, QuietOpt, RecipeArg, SetOpt, handle_errors, load, out_console
+
+
+@handle_errors
+def prepare_data(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="prepared-data folder (overrides data.dir)")] = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Read the recipe's data source and write train/val/test tensors plus dataset.json."""
+    sets = list(set_ or []) + ([f"data.dir={out}"] if out else [])
+    r = load(recipe, sets, check_models=False)
+    from asib.data import prepare_data as run_prepare
+
+    info = run_prepare(r.data, r.data_dir, name=r.name, force=force)
+    if not quiet:
+        counts = ", ".join(f"{k} {v}" for k, v in info.counts.items())
+        h, w = info.image_size
+        out_console().print(
+            f"prepared {info.source} into {r.data_dir}: {counts}; {info.num_classes} classes, {h}x{w}", markup=False
+        )

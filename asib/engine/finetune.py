@@ -1,0 +1,180 @@
+"""Fine-tuning one classifier with cross-entropy: the ``finetune-teacher`` step."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from asib.data import Batch, InMemoryLoader
+from asib.engine.checkpoint import save_model
+from asib.engine.evaluate import EvalResult, evaluate_predictor, top1_of
+from asib.engine.loaders import SplitLoaders, split_loaders
+from asib.engine.loop import EpochPlan, LoopConfig, run_plan
+from asib.engine.losses import cross_entropy
+from asib.engine.optim import build_optimizer, build_scheduler
+from asib.engine.progress import Progress
+from asib.engine.run import RunFolder
+from asib.engine.runtime import Runtime, make_runtime, set_random_seed
+from asib.errors import DataError
+from asib.recipe import Recipe, TeacherSpec, TrainSpec
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    run_dir: Path
+    checkpoint: Path
+    val_top1: float | None
+    test: EvalResult
+    epochs: int
+    seconds: float
+
+
+class CETraining:
+    """Cross-entropy training of one model; keeps the best-on-val weights."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: TrainSpec,
+        loaders: SplitLoaders,
+        runtime: Runtime,
+        save_best: Any,
+    ) -> None:
+        self.model, self.spec, self.loaders, self.runtime = model, spec, loaders, runtime
+        self.optimizer = build_optimizer([model], spec.optim)
+        self.scheduler = build_scheduler(self.optimizer, spec.optim, len(loaders.train), spec.epochs)
+        self.save_best = save_best
+        self.best_val: float | None = None
+        self.best_epoch = 0
+
+    def plan(self) -> list[EpochPlan]:
+        return [EpochPlan(e, "train", 0, e, e) for e in range(self.spec.epochs)]
+
+    def loader(self, ep: EpochPlan) -> InMemoryLoader:
+        return self.loaders.train
+
+    def begin_epoch(self, ep: EpochPlan) -> None:
+        self.model.train()
+
+    def step(self, ep: EpochPlan, batch: Batch) -> dict[str, torch.Tensor]:
+        with self.runtime.autocast():
+            logits = self.model(batch.x)
+        loss = cross_entropy(logits.float(), batch.y, self.spec.label_smoothing, batch.y2, batch.lam)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": loss.detach()}
+
+    def end_epoch(self, ep: EpochPlan, record: dict[str, Any]) -> dict[str, Any]:
+        self.model.eval()
+        out: dict[str, Any] = {"lr": self.scheduler.get_last_lr()[0]}
+        if self.loaders.val is not None:
+            val = top1_of(self._predict, self.loaders.val.batches(0))
+            out["val_top1"] = round(val, 4)
+            if self.best_val is None or val > self.best_val:
+                self.best_val, self.best_epoch = val, ep.index + 1
+                self.save_best(self.model, val, ep.index + 1)
+        else:  # no validation split: the last epoch is the selected one
+            self.best_epoch = ep.index + 1
+            self.save_best(self.model, None, ep.index + 1)
+        return out
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        with self.runtime.autocast():
+            return self.model(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
+
+
+def checkpoint_extras(recipe: Recipe, loaders: SplitLoaders, **more: Any) -> dict[str, Any]:
+    """Metadata that travels with every model checkpoint: classes, normalisation, recipe."""
+    info = loaders.info
+    return {
+        "classes": list(info.classes),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "image_size": list(info.image_size),
+        "recipe": recipe.model_dump(mode="json"),
+        **more,
+    }
+
+
+def check_classes(model: nn.Module, num_classes: int, what: str) -> None:
+    if model.num_classes != num_classes:
+        raise DataError(f"{what} has {model.num_classes} classes but the data has {num_classes}")
+
+
+def finetune_teacher(
+    recipe: Recipe,
+    teacher: TeacherSpec,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: Progress | None = None,
+    loop: LoopConfig | None = None,
+) -> FinetuneResult:
+    """Fine-tune one teacher of the recipe; write its run folder and checkpoint."""
+    from asib.data import load_info
+    from asib.models import model_from_spec
+
+    progress = progress or Progress()
+    folder = RunFolder(recipe.teacher_dir(teacher), ("model.safetensors", "last.safetensors"))
+    folder.check(force=force, resume=resume)
+    info = load_info(recipe.data_dir)  # fails early, before anything is written
+    started = time.perf_counter()
+    set_random_seed(recipe.seed, recipe.deterministic)
+    runtime = make_runtime(recipe.device, recipe.deterministic)
+    spec = teacher.train
+    model = runtime.to_device(model_from_spec(teacher, info.num_classes))
+    loaders = split_loaders(
+        recipe.data_dir, runtime, spec.batch_size, spec.eval_batch_size, spec.augment, recipe.seed
+    )
+    checkpoint = recipe.teacher_checkpoint(teacher)
+    extras = checkpoint_extras(recipe, loaders, teacher=teacher.name)
+
+    def save_best(m: nn.Module, val: float | None, epoch: int) -> None:
+        save_model(checkpoint, m, "teacher", {**extras, "val_top1": val, "epoch": epoch})
+
+    method = CETraining(model, spec, loaders, runtime, save_best)
+    folder.start(recipe.to_yaml(), force=force, resume=resume)
+    run_plan(method, folder, progress, runtime.device, resume=resume, config=loop,
+             summary_keys=["epoch", "loss", "val_top1", "lr", "seconds"])
+    save_model(folder.path / "last.safetensors", model, "teacher", {**extras, "epoch": spec.epochs})
+
+    from asib.engine.checkpoint import load_model
+
+    best, _ = load_model(checkpoint, device=runtime.device)
+    test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes)
+    seconds = time.perf_counter() - started
+    folder.write_summary({
+        "teacher": teacher.name,
+        "arch": teacher.arch,
+        "checkpoint": str(checkpoint),
+        "val_top1": method.best_val,
+        "test_top1": test.top1,
+        "test_top5": test.top5,
+        "best_epoch": method.best_epoch,
+        "epochs": spec.epochs,
+        "seconds": round(seconds, 2),
+    })
+    folder.finish()
+    return FinetuneResult(folder.path, checkpoint, method.best_val, test, spec.epochs, seconds)

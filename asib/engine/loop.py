@@ -1,0 +1,236 @@
+"""The one training loop. Every command and method runs through ``run_plan``.
+
+A method (fine-tuning, the ASIB A/B steps, a KD baseline) gives a plan of epochs and a step
+function; the loop owns everything around the step: data order, metric accumulation on
+the device (read once per epoch), the finiteness guard, train-state saves, resume and
+clean stops on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from asib.data import Batch, InMemoryLoader
+from asib.engine.progress import Progress, format_record
+from asib.engine.run import RunFolder
+from asib.engine.runtime import rng_state, set_rng_state
+from asib.engine.state import load_train_state, save_train_state
+from asib.errors import Interrupted, RunError
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch of a plan: which phase, which stage, and its counters."""
+
+    index: int  # position in the whole plan; also seeds the epoch's data order
+    phase: str  # "train" (fine-tuning / baselines), "A" (teacher side), "B" (student)
+    stage: int  # 0-based stage
+    phase_epoch: int  # epochs of this phase before this one, over all stages
+    stage_epoch: int  # epoch within this phase of this stage
+
+
+class Method(Protocol):
+    """What the loop needs from a training method."""
+
+    def plan(self) -> list[EpochPlan]: ...
+    def loader(self, ep: EpochPlan) -> InMemoryLoader: ...
+    def begin_epoch(self, ep: EpochPlan) -> None: ...
+    def step(self, ep: EpochPlan, batch: Batch) -> dict[str, torch.Tensor]: ...
+    def end_epoch(self, ep: EpochPlan, record: dict[str, Any]) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class MetricSums:
+    """Per-term running sums kept on the device: no host sync inside the step loop."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.first_bad: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, terms: dict[str, torch.Tensor], n: int, step: int) -> None:
+        for name, value in terms.items():
+            value = value.detach().float()
+            if name not in self.sums:
+                self.sums[name] = torch.zeros((), device=value.device)
+                self.first_bad[name] = torch.full((), -1, device=value.device, dtype=torch.long)
+            self.sums[name] += value * n
+            bad = ~torch.isfinite(value) & (self.first_bad[name] < 0)
+            self.first_bad[name] = torch.where(bad, torch.full_like(self.first_bad[name], step), self.first_bad[name])
+        self.count += n
+
+    def read(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Means and first non-finite step per term, with one transfer."""
+        if not self.sums:
+            return {}, {}
+        names = list(self.sums)
+        flat = torch.stack([self.sums[k] for k in names] + [self.first_bad[k].float() for k in names]).tolist()
+        means = {k: flat[i] / max(1, self.count) for i, k in enumerate(names)}
+        bad = {k: int(flat[len(names) + i]) for i, k in enumerate(names) if flat[len(names) + i] >= 0}
+        return means, bad
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "first_bad": dict(self.first_bad), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.first_bad = {k: v.to(device) for k, v in state["first_bad"].items()}
+        self.count = state["count"]
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop reads between steps."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Install the handlers for the duration of a run (only possible in the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum: int, _frame: object) -> None:
+            if self.signum is not None:  # a second signal: stop at once, without saving
+                raise KeyboardInterrupt
+            self.signum = signum
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+@dataclass
+class LoopConfig:
+    save_every_steps: int = 0  # also save the train state every N steps (0: at epoch ends only)
+    stop_after_steps: int | None = None  # for tests and benchmarks: stop (as if interrupted) after N steps
+
+
+def _state(method: Method, pos: int, step: int, sums: MetricSums, records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "position": {"epoch_index": pos, "step": step},
+        "method": method.state_dict(),
+        "rng": rng_state(),
+        "sums": sums.state_dict(),
+        "n_records": len(records),
+        "records": records,
+    }
+
+
+def run_plan(
+    method: Method,
+    folder: RunFolder,
+    progress: Progress,
+    device: torch.device,
+    resume: bool = False,
+    config: LoopConfig | None = None,
+    summary_keys: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every epoch of the method's plan; return the per-epoch records (also in metrics.jsonl)."""
+    config = config or LoopConfig()
+    plan = method.plan()
+    records: list[dict[str, Any]] = []
+    start_epoch, start_step = 0, 0
+    sums = MetricSums()
+    if resume:
+        state = load_train_state(folder.state_path)
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        records = state["records"]
+        start_epoch, start_step = state["position"]["epoch_index"], state["position"]["step"]
+        sums.load_state_dict(state["sums"], device)
+        folder.truncate_metrics(state["n_records"])
+        progress.line(f"resuming at epoch {start_epoch + 1}/{len(plan)}, step {start_step}")
+
+    total_steps = 0
+    with StopRequest().installed() as stop:
+        for ep in plan[start_epoch:]:
+            loader = method.loader(ep)
+            method.begin_epoch(ep)
+            tick = time.perf_counter()
+            progress.start(f"{_label(ep)} {ep.index + 1}/{len(plan)}", len(loader) - start_step)
+            step = start_step
+            try:
+                for batch in loader.batches(ep.index, start=start_step):
+                    terms = method.step(ep, batch)
+                    sums.add(terms, batch.y.shape[0], step)
+                    step += 1
+                    total_steps += 1
+                    progress.advance()
+                    if step < len(loader) and (
+                        stop
+                        or (config.save_every_steps and step % config.save_every_steps == 0)
+                        or (config.stop_after_steps is not None and total_steps >= config.stop_after_steps)
+                    ):
+                        _check_finite(sums, ep)
+                        save_train_state(folder.state_path, _state(method, ep.index, step, sums, records))
+                        if stop or (config.stop_after_steps is not None and total_steps >= config.stop_after_steps):
+                            raise _interrupted(stop.signum, folder)
+            finally:
+                progress.stop()
+            record = _close_epoch(method, ep, sums, time.perf_counter() - tick)
+            records.append(record)
+            folder.log(record)
+            progress.line(format_record(record, summary_keys or list(record)))
+            sums, start_step = MetricSums(), 0
+            save_train_state(folder.state_path, _state(method, ep.index + 1, 0, sums, records))
+            if stop and ep.index + 1 < len(plan):
+                raise _interrupted(stop.signum, folder)
+    return records
+
+
+def _label(ep: EpochPlan) -> str:
+    return {"train": "epoch", "A": f"stage {ep.stage + 1} A-step", "B": f"stage {ep.stage + 1} B-step"}[ep.phase]
+
+
+def _check_finite(sums: MetricSums, ep: EpochPlan) -> None:
+    means, bad = sums.read()
+    for name, step in bad.items():
+        raise RunError(
+            f"loss term '{name}' is not finite at step {step} of epoch {ep.index + 1} ({_label(ep)})",
+            hint="the last good checkpoint and train state are kept; lower the learning rate or check the data",
+        )
+    for name, value in means.items():
+        if not math.isfinite(value):
+            raise RunError(f"loss term '{name}' is not finite in epoch {ep.index + 1} ({_label(ep)})")
+
+
+def _close_epoch(method: Method, ep: EpochPlan, sums: MetricSums, seconds: float) -> dict[str, Any]:
+    _check_finite(sums, ep)
+    means, _ = sums.read()
+    record: dict[str, Any] = {
+        "epoch": ep.index + 1,
+        "phase": ep.phase,
+        "stage": ep.stage + 1,
+        **{k: round(v, 6) for k, v in means.items()},
+    }
+    record.update(method.end_epoch(ep, record))
+    record["seconds"] = round(seconds, 3)
+    return record
+
+
+def _interrupted(signum: int | None, folder: RunFolder) -> Interrupted:
+    name = signal.Signals(signum).name if signum else "a stop request"
+    code = 128 + signum if signum else 130
+    return Interrupted(
+        f"stopped by {name}; the train state is saved in {folder.state_path}",
+        exit_code=code,
+        hint="run the same command with --resume to continue",
+    )

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job end to end on the embedded default data (scikit-learn's digits):
+# prepare the data, fine-tune two teachers, evaluate them, distil a student.
+# Every step is one asib command; a rerun starts over (--force).
+set -euo pipefail
+RECIPE=${RECIPE:-recipes/digits.yaml}
+DATA=data/digits
+RUN=runs/digits
+
+asib prepare-data "$RECIPE" --force
+asib finetune-teacher "$RECIPE" --force
+echo
+echo "teachers on the test split:"
+for t in "$RUN"/teachers/*/model.safetensors; do
+  printf '  %-28s ' "$t"
+  asib evaluate "$t" --data "$DATA" --json | python -c 'import json,sys; d=json.load(sys.stdin); print(f"top-1 {d[\"top1\"]:.2f}  top-5 {d[\"top5\"]:.2f}  nll {d[\"nll\"]:.3f}  ece {d[\"ece\"]:.3f}")'
+done
+echo
+asib distill "$RECIPE" --force
