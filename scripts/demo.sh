@@ -13,7 +13,8 @@ echo
 echo "teachers on the test split:"
 for t in "$RUN"/teachers/*/model.safetensors; do
   printf '  %-28s ' "$t"
-  asib evaluate "$t" --data "$DATA" --json | python -c 'import json,sys; d=json.load(sys.stdin); print(f"top-1 {d[\"top1\"]:.2f}  top-5 {d[\"top5\"]:.2f}  nll {d[\"nll\"]:.3f}  ece {d[\"ece\"]:.3f}")'
+  asib evaluate "$t" --data "$DATA" --json \
+    | python -c 'import json, sys; d = json.load(sys.stdin); print("top-1 %.2f  top-5 %.2f  nll %.3f  ece %.3f" % (d["top1"], d["top5"], d["nll"], d["ece"]))'
 done
 echo
 asib distill "$RECIPE" --force

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -114,7 +115,7 @@ def test_spec_from_dict_uses_recipe_errors() -> None:
 
 def test_recipe_is_frozen() -> None:
     r = recipe_from_dict({"name": "x"})
-    with pytest.raises(Exception):  # pydantic's ValidationError for a frozen model
+    with pytest.raises(pydantic.ValidationError):
         r.seed = 3  # type: ignore[misc]
 
 

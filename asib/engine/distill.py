@@ -372,8 +372,7 @@ def distill(
     always read from the recipe's checkpoint paths, so sweeps can share them.
     """
     from asib.data import load_info
-    from asib.models import model_from_spec
-    from asib.models.ib_mbm import build_ib_mbm_from_teachers
+    from asib.models import build_ib_mbm_from_teachers, model_from_spec
 
     progress = progress or Progress()
     spec = recipe.distill

@@ -1,0 +1,243 @@
+"""End to end through the real entry point (typer's CliRunner) on tiny digits data and tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from asib.cli import app
+
+runner = CliRunner()
+
+
+def tiny_recipe(root: Path, name: str = "tiny", **distill: object) -> dict:
+    """Digits at 8x8, a 400-image subset, two cheap teachers of different families, 1 epoch each."""
+    train = {"epochs": 2, "batch_size": 32, "optim": {"name": "adamw", "lr": 3e-3}, "augment": {"hflip": False, "crop_padding": 1}}
+    return {
+        "name": name,
+        "out_dir": str(root / "runs" / name),
+        "device": "cpu",
+        "data": {"source": "digits", "dir": str(root / "data" / "digits"), "train_subset": 400, "val_fraction": 0.2},
+        "teachers": [
+            {"name": "t1", "arch": "resnet8", "train": train},
+            {"name": "t2", "arch": "vgg8", "train": train},
+        ],
+        "student": {"arch": "resnet8"},
+        "distill": {
+            "num_stages": 1,
+            "student_epochs": 1,
+            "teacher_adapt_epochs": 1,
+            "batch_size": 32,
+            "ib_mbm": {"dim": 16, "heads": 2},
+            "student_optim": {"name": "adamw", "lr": 3e-3},
+            **distill,
+        },
+    }
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipeline")
+    recipe = write_recipe(root / "tiny.yaml", tiny_recipe(root))
+    r = invoke("prepare-data", recipe)
+    assert r.exit_code == 0, r.output
+    r = invoke("finetune-teacher", recipe, "--quiet")
+    assert r.exit_code == 0, r.output
+    return {"root": root, "recipe": recipe, "data": root / "data" / "digits", "run": root / "runs" / "tiny"}
+
+
+def test_prepare_and_finetune_write_artifacts(pipeline: dict[str, Path]) -> None:
+    data, run = pipeline["data"], pipeline["run"]
+    for name in ("train.safetensors", "val.safetensors", "test.safetensors", "dataset.json"):
+        assert (data / name).is_file()
+    for t in ("t1", "t2"):
+        folder = run / "teachers" / t
+        for name in ("model.safetensors", "last.safetensors", "recipe.yaml", "metrics.jsonl", "summary.json"):
+            assert (folder / name).is_file(), name
+        assert not (folder / "train_state.safetensors").exists()
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2 and "val_top1" in json.loads(lines[-1])
+
+
+def test_evaluate_reproduces_summary(pipeline: dict[str, Path]) -> None:
+    folder = pipeline["run"] / "teachers" / "t1"
+    summary = json.loads((folder / "summary.json").read_text())
+    r = invoke("evaluate", folder / "model.safetensors", "--data", pipeline["data"], "--json")
+    assert r.exit_code == 0, r.output
+    figures = json.loads(r.output)
+    assert set(figures) >= {"top1", "top5", "nll", "ece", "n"}
+    assert figures["top1"] == pytest.approx(summary["test_top1"], abs=1e-9)
+    r = invoke("evaluate", folder / "model.safetensors", "--data", pipeline["data"], "--per-class")
+    assert r.exit_code == 0 and "top-1" in r.output
+
+
+def test_distill_end_to_end(pipeline: dict[str, Path]) -> None:
+    root, recipe, data = pipeline["root"], pipeline["recipe"], pipeline["data"]
+    out = root / "runs" / "distilled"
+    r = invoke("distill", recipe, "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "synergy" in r.output and "student (asib)" in r.output
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("student_val_top1", "student_test_top1", "synergy_test_top1", "teacher_test_top1", "seconds"):
+        assert summary[key] is not None, key
+    assert len(summary["teacher_test_top1"]) == 2
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["phase"] for x in records] == ["A", "B"]
+    a, b = records
+    for key in ("syn_ce", "ib_kl", "cccp", "beta", "tau", "attn_t0", "attn_t1", "synergy_val_top1"):
+        assert key in a, key
+    for key in ("ce", "kd", "kd_ens", "tau", "disagree", "student_val_top1", "attn_t0"):
+        assert key in b, key
+    r = invoke("evaluate", out / "student.safetensors", "--data", data, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["top1"] == pytest.approx(summary["student_test_top1"], abs=1e-9)
+    r = invoke("evaluate", out / "synergy.safetensors", "--data", data, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["top1"] == pytest.approx(summary["synergy_test_top1"], abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["ce", "kd", "avg_kd", "dkd"])
+def test_baselines_run(pipeline: dict[str, Path], method: str) -> None:
+    out = pipeline["root"] / "runs" / f"b_{method}"
+    r = invoke("distill", pipeline["recipe"], "--out", out, "--set", f"distill.method={method}", "--quiet")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["synergy_test_top1"] is None
+    assert not (out / "synergy.safetensors").exists()
+
+
+def test_existing_run_is_refused_then_forced(pipeline: dict[str, Path]) -> None:
+    recipe = pipeline["recipe"]
+    r = invoke("finetune-teacher", recipe, "--teacher", "t1", "--quiet")
+    assert r.exit_code == 1
+    assert "already holds a run" in r.output and "--resume" in r.output
+
+
+# ---------------------------------------------------------------- bad input: one line, no traceback, nothing written
+
+
+def _nothing_written(root: Path, before: set[Path]) -> bool:
+    return set(root.rglob("*")) == before
+
+
+def test_typo_key_exit_2(tmp_path: Path) -> None:
+    data = tiny_recipe(tmp_path)
+    data["teachers"][1]["smal_input"] = True
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    before = set(tmp_path.rglob("*"))
+    r = invoke("prepare-data", recipe)
+    assert r.exit_code == 2
+    assert "teachers[1].smal_input: unknown key; did you mean 'small_input'?" in r.output
+    assert "Traceback" not in r.output
+    assert _nothing_written(tmp_path, before)
+
+
+def test_wrong_type_exit_2(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
+    r = invoke("finetune-teacher", recipe, "--set", "teachers.0.train.epochs=many")
+    assert r.exit_code == 2
+    assert "teachers[0].train.epochs:" in r.output and "'many'" in r.output
+
+
+def test_unknown_arch_exit_2(tmp_path: Path) -> None:
+    data = tiny_recipe(tmp_path)
+    data["teachers"][1]["arch"] = "resnet1522"
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    before = set(tmp_path.rglob("*"))
+    r = invoke("finetune-teacher", recipe)
+    assert r.exit_code == 2
+    assert "teachers[1].arch: unknown model 'resnet1522'; did you mean" in r.output
+    assert _nothing_written(tmp_path, before)
+
+
+def test_missing_data_exit_1(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
+    before = set(tmp_path.rglob("*"))
+    r = invoke("finetune-teacher", recipe)
+    assert r.exit_code == 1
+    assert "prepare-data" in r.output and "Traceback" not in r.output
+    assert _nothing_written(tmp_path, before)
+
+
+def test_checkpoint_folder_exit_1(pipeline: dict[str, Path]) -> None:
+    r = invoke("evaluate", pipeline["run"] / "teachers" / "t1", "--data", pipeline["data"])
+    assert r.exit_code == 1
+    assert "is a folder" in r.output
+
+
+def test_fewer_than_two_teachers(pipeline: dict[str, Path]) -> None:
+    data = tiny_recipe(pipeline["root"])
+    data["teachers"] = data["teachers"][:1]
+    recipe = write_recipe(pipeline["root"] / "one.yaml", data)
+    out = pipeline["root"] / "runs" / "one_teacher"
+    r = invoke("distill", recipe, "--out", out)
+    assert r.exit_code == 2
+    assert "needs at least 2 teachers" in r.output
+    assert not out.exists()
+
+
+def test_wrong_kind_teacher_checkpoint(pipeline: dict[str, Path]) -> None:
+    root = pipeline["root"]
+    student_out = root / "runs" / "kind_src"
+    assert invoke("distill", pipeline["recipe"], "--out", student_out, "--set", "distill.method=ce", "-q").exit_code == 0
+    data = tiny_recipe(root)
+    data["teachers"][0]["checkpoint"] = str(student_out / "student.safetensors")
+    recipe = write_recipe(root / "kind.yaml", data)
+    out = root / "runs" / "kind"
+    r = invoke("distill", recipe, "--out", out)
+    assert r.exit_code == 1
+    assert "is a student checkpoint, not a teacher" in r.output
+    assert not out.exists()
+
+
+def test_teacher_class_count_mismatch(pipeline: dict[str, Path], tmp_path: Path) -> None:
+    from asib.engine.checkpoint import save_model
+    from asib.models import create_model
+
+    other = create_model("resnet8", num_classes=7)
+    path = save_model(tmp_path / "seven.safetensors", other, "teacher")
+    data = tiny_recipe(pipeline["root"])
+    data["teachers"][1]["checkpoint"] = str(path)
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    out = tmp_path / "run"
+    r = invoke("distill", recipe, "--out", out)
+    assert r.exit_code == 1
+    assert "trained on 7 classes but the data has 10" in r.output
+    assert not out.exists()
+
+
+def test_recipe_check_and_schema(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path))
+    r = invoke("recipe", "check", recipe, "--set", "distill.tau=2")
+    assert r.exit_code == 0, r.output
+    resolved = yaml.safe_load(r.output)
+    assert resolved["distill"]["tau"] == 2.0 and resolved["distill"]["ib_beta"] == 0.001
+    r = invoke("recipe", "schema")
+    assert r.exit_code == 0
+    assert "DistillSpec" in json.loads(r.output)["$defs"]
+
+
+def test_python_dash_m_and_fast_help() -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    code = "import sys; from asib.cli import app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False", "asib --help must not import torch"
+    out = subprocess.run([sys.executable, "-m", "asib", "--help"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "distill" in out.stdout
