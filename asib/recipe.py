@@ -216,6 +216,7 @@ class Recipe(Spec):
     out_dir: str | None = Field(None, description="run folder; default runs/<name>")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = Field(False, description="bit-for-bit repeatable on CPU (slower on CUDA)")
+    compile: bool = Field(False, description="torch.compile the trained model (pays a compile time once)")
     data: DataSpec = DataSpec()
     teachers: list[TeacherSpec] = Field(default_factory=list)
     student: StudentSpec | None = None

@@ -383,7 +383,7 @@ def distill(
     kd_teacher = resolve_kd_teacher(recipe) if spec.method == "kd" else 0
     started = time.perf_counter()
     set_random_seed(recipe.seed, recipe.deterministic)
-    runtime = make_runtime(recipe.device, recipe.deterministic)
+    runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile)
     teachers, teacher_paths = ([], []) if spec.method == "ce" else load_teachers(recipe, info.num_classes, runtime.device)
     student = runtime.to_device(model_from_spec(recipe.student, info.num_classes))
     ib_mbm = head = None

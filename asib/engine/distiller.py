@@ -29,10 +29,6 @@ from asib.models.ib_mbm import IBMBM, SynergyHead, synergy_target
 from asib.recipe import DistillSpec, spec_from
 
 
-def _scalar(value: float, like: Tensor) -> Tensor:
-    return torch.tensor(float(value), device=like.device)
-
-
 class ASIBDistiller(nn.Module):
     """Teachers, student, IB_MBM and synergy head, and the losses that tie them (METHOD.md)."""
 
@@ -91,7 +87,7 @@ class ASIBDistiller(nn.Module):
         stage_epoch: int = 0,
         y2: Tensor | None = None,
         lam: float = 1.0,
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Tensor | float]:
         """Loss terms of one batch. ``epoch`` counts epochs of ``phase`` over all stages."""
         if phase == "A":
             return self.a_step(x, y, epoch, stage, stage_epoch)
@@ -101,7 +97,7 @@ class ASIBDistiller(nn.Module):
 
     # ------------------------------------------------------------ A-step
 
-    def a_step(self, x: Tensor, y: Tensor, epoch: int, stage: int, stage_epoch: int) -> dict[str, Tensor]:
+    def a_step(self, x: Tensor, y: Tensor, epoch: int, stage: int, stage_epoch: int) -> dict[str, Tensor | float]:
         """Teacher side learns: CE on synergy logits + beta * KL_IB (+ CCCP coupling). Student fixed."""
         assert self.ib_mbm is not None and self.synergy_head is not None
         spec = self.spec
@@ -126,9 +122,9 @@ class ASIBDistiller(nn.Module):
             "syn_ce": ce.detach(),
             "ib_kl": kl.detach(),
             "cccp": coupling.detach(),
-            "beta": _scalar(beta, g),
-            "cccp_w": _scalar(cccp_w, g),
-            "tau": _scalar(tau, g),
+            "beta": float(beta),
+            "cccp_w": float(cccp_w),
+            "tau": float(tau),
             "syn_train_acc": (g.detach().argmax(1) == y).float().mean() * 100,
         }
         terms.update(self._attention_terms(out.attn))
@@ -138,7 +134,7 @@ class ASIBDistiller(nn.Module):
 
     def b_step(
         self, x: Tensor, y: Tensor, epoch: int, y2: Tensor | None = None, lam: float = 1.0
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Tensor | float]:
         """Student learns: CE + KD to the teacher average + weighted KD to the synergy target."""
         assert self.ib_mbm is not None and self.synergy_head is not None
         spec = self.spec
@@ -164,9 +160,9 @@ class ASIBDistiller(nn.Module):
             "ce": ce.detach(),
             "kd": kd.detach(),
             "kd_ens": kd_ens.detach(),
-            "tau": _scalar(tau, s),
-            "kd_w": _scalar(ramp * kd_a, s),
-            "kd_ens_w": _scalar(ramp * ens_a, s),
+            "tau": float(tau),
+            "kd_w": float(ramp * kd_a),
+            "kd_ens_w": float(ramp * ens_a),
             "weighted_share": (w != 1).float().mean(),
             "train_acc": (s.detach().argmax(1) == y).float().mean() * 100,
         }
@@ -176,7 +172,7 @@ class ASIBDistiller(nn.Module):
 
     def baseline_step(
         self, x: Tensor, y: Tensor, epoch: int, y2: Tensor | None = None, lam: float = 1.0
-    ) -> dict[str, Tensor]:
+    ) -> dict[str, Tensor | float]:
         """ce: CE alone; kd / avg_kd: ce_alpha CE + (kd_alpha + kd_ens_alpha) KD; dkd: ce_alpha CE + DKD."""
         spec = self.spec
         s = self.student(x).float()
@@ -201,8 +197,8 @@ class ASIBDistiller(nn.Module):
             "loss": loss,
             "ce": ce.detach(),
             "kd": kd.detach(),
-            "tau": _scalar(tau, s),
-            "kd_w": _scalar(weight, s),
+            "tau": float(tau),
+            "kd_w": float(weight),
             "train_acc": (s.detach().argmax(1) == y).float().mean() * 100,
         }
         terms.update(self._teacher_terms(t_logits))

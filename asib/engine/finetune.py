@@ -142,7 +142,7 @@ def finetune_teacher(
     info = load_info(recipe.data_dir)  # fails early, before anything is written
     started = time.perf_counter()
     set_random_seed(recipe.seed, recipe.deterministic)
-    runtime = make_runtime(recipe.device, recipe.deterministic)
+    runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile)
     spec = teacher.train
     model = runtime.to_device(model_from_spec(teacher, info.num_classes))
     loaders = split_loaders(

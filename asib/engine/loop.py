@@ -44,22 +44,27 @@ class Method(Protocol):
     def plan(self) -> list[EpochPlan]: ...
     def loader(self, ep: EpochPlan) -> InMemoryLoader: ...
     def begin_epoch(self, ep: EpochPlan) -> None: ...
-    def step(self, ep: EpochPlan, batch: Batch) -> dict[str, torch.Tensor]: ...
+    def step(self, ep: EpochPlan, batch: Batch) -> dict[str, torch.Tensor | float]: ...
     def end_epoch(self, ep: EpochPlan, record: dict[str, Any]) -> dict[str, Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class MetricSums:
-    """Per-term running sums kept on the device: no host sync inside the step loop."""
+    """Per-term running sums: tensors stay on the device (no host sync inside the step loop),
+    plain floats (schedule values) are summed on the host."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.first_bad: dict[str, torch.Tensor] = {}
+        self.host: dict[str, float] = {}
         self.count = 0
 
-    def add(self, terms: dict[str, torch.Tensor], n: int, step: int) -> None:
+    def add(self, terms: dict[str, torch.Tensor | float], n: int, step: int) -> None:
         for name, value in terms.items():
+            if not isinstance(value, torch.Tensor):
+                self.host[name] = self.host.get(name, 0.0) + float(value) * n
+                continue
             value = value.detach().float()
             if name not in self.sums:
                 self.sums[name] = torch.zeros((), device=value.device)
@@ -71,20 +76,23 @@ class MetricSums:
 
     def read(self) -> tuple[dict[str, float], dict[str, int]]:
         """Means and first non-finite step per term, with one transfer."""
+        count = max(1, self.count)
+        means = {k: v / count for k, v in self.host.items()}
         if not self.sums:
-            return {}, {}
+            return means, {}
         names = list(self.sums)
         flat = torch.stack([self.sums[k] for k in names] + [self.first_bad[k].float() for k in names]).tolist()
-        means = {k: flat[i] / max(1, self.count) for i, k in enumerate(names)}
+        means.update({k: flat[i] / count for i, k in enumerate(names)})
         bad = {k: int(flat[len(names) + i]) for i, k in enumerate(names) if flat[len(names) + i] >= 0}
         return means, bad
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "first_bad": dict(self.first_bad), "count": self.count}
+        return {"sums": dict(self.sums), "first_bad": dict(self.first_bad), "host": dict(self.host), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.sums = {k: v.to(device) for k, v in state["sums"].items()}
         self.first_bad = {k: v.to(device) for k, v in state["first_bad"].items()}
+        self.host = dict(state["host"])
         self.count = state["count"]
 
 

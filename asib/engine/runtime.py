@@ -20,11 +20,16 @@ class Runtime:
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
+    compile: bool = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``torch.compile`` the module when the recipe asks for it; parameters stay shared."""
+        return torch.compile(module) if self.compile else module  # type: ignore[return-value]
 
     def to_device(self, module: torch.nn.Module) -> torch.nn.Module:
         module = module.to(self.device)
@@ -42,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_runtime(device: str, deterministic: bool = False) -> Runtime:
+def make_runtime(device: str, deterministic: bool = False, compile: bool = False) -> Runtime:
     """bf16 autocast, channels_last, TF32 and cudnn.benchmark on CUDA; plain fp32 on CPU."""
     dev = resolve_device(device)
     if dev.type == "cuda":
@@ -50,8 +55,8 @@ def make_runtime(device: str, deterministic: bool = False) -> Runtime:
         torch.backends.cudnn.allow_tf32 = not deterministic
         torch.backends.cudnn.benchmark = not deterministic
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return Runtime(dev, amp, channels_last=True)
-    return Runtime(dev, None, channels_last=False)
+        return Runtime(dev, amp, channels_last=True, compile=compile)
+    return Runtime(dev, None, channels_last=False, compile=compile)
 
 
 def set_random_seed(seed: int, deterministic: bool = False) -> None:
