@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from asib.cli import distill, evaluate, finetune_teacher, prepare_data, recipe_cmd
+from asib.cli import distill, evaluate, export, finetune_teacher, prepare_data, recipe_cmd, report
 
 app = typer.Typer(
     name="asib",
@@ -17,6 +17,8 @@ app.command("prepare-data")(prepare_data.prepare_data)
 app.command("finetune-teacher")(finetune_teacher.finetune_teacher)
 app.command("distill")(distill.distill)
 app.command("evaluate")(evaluate.evaluate)
+app.command("export")(export.export)
+app.command("report")(report.report)
 app.add_typer(recipe_cmd.app, name="recipe")
 
 

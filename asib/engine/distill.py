@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,10 +377,9 @@ def distill(
     spec = recipe.distill
     _check_teacher_count(recipe)
     folder = RunFolder(run_dir or recipe.run_dir, ("student.safetensors", "synergy.safetensors"))
-    folder.check(force=force, resume=resume)
+    folder.check(force=force, resume=resume, recipe_yaml=recipe.to_yaml())
     info = load_info(recipe.data_dir)
     kd_teacher = resolve_kd_teacher(recipe) if spec.method == "kd" else 0
-    started = time.perf_counter()
     set_random_seed(recipe.seed, recipe.deterministic)
     runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile)
     teachers, teacher_paths = ([], []) if spec.method == "ce" else load_teachers(recipe, info.num_classes, runtime.device)
@@ -406,8 +404,8 @@ def distill(
     method = DistillTraining(distiller, spec, loaders, runtime, teacher_val, save_best, progress)
     folder.start(recipe.to_yaml(), force=force, resume=resume)
     keys = ["epoch", "phase", "loss", "syn_ce", "ib_kl", "cccp", "ce", "kd", "kd_ens",
-            "synergy_val_top1", "student_val_top1", "seconds"]
-    run_plan(method, folder, progress, runtime.device, resume=resume, config=loop, summary_keys=keys)
+            "synergy_val_top1", "student_val_top1"]
+    plan = run_plan(method, folder, progress, runtime.device, resume=resume, config=loop, summary_keys=keys)
 
     best, _ = load_model(student_path, kinds=("student",), device=runtime.device)
     student_test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes).top1
@@ -415,7 +413,7 @@ def distill(
     if ib_mbm is not None:
         predict = load_synergy_predictor(read_info(synergy_path), runtime)
         synergy_test = evaluate_predictor(predict, loaders.test.batches(0), info.num_classes).top1
-    seconds = time.perf_counter() - started
+    seconds = plan.seconds
     summary = {
         "method": spec.method,
         "student_arch": recipe.student.arch,

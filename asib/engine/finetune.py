@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,9 +137,8 @@ def finetune_teacher(
 
     progress = progress or Progress()
     folder = RunFolder(recipe.teacher_dir(teacher), ("model.safetensors", "last.safetensors"))
-    folder.check(force=force, resume=resume)
+    folder.check(force=force, resume=resume, recipe_yaml=recipe.to_yaml())
     info = load_info(recipe.data_dir)  # fails early, before anything is written
-    started = time.perf_counter()
     set_random_seed(recipe.seed, recipe.deterministic)
     runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile)
     spec = teacher.train
@@ -156,15 +154,15 @@ def finetune_teacher(
 
     method = CETraining(model, spec, loaders, runtime, save_best)
     folder.start(recipe.to_yaml(), force=force, resume=resume)
-    run_plan(method, folder, progress, runtime.device, resume=resume, config=loop,
-             summary_keys=["epoch", "loss", "val_top1", "lr", "seconds"])
+    plan = run_plan(method, folder, progress, runtime.device, resume=resume, config=loop,
+                    summary_keys=["epoch", "loss", "val_top1", "lr"])
     save_model(folder.path / "last.safetensors", model, "teacher", {**extras, "epoch": spec.epochs})
 
     from asib.engine.checkpoint import load_model
 
     best, _ = load_model(checkpoint, device=runtime.device)
     test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes)
-    seconds = time.perf_counter() - started
+    seconds = plan.seconds
     folder.write_summary({
         "teacher": teacher.name,
         "arch": teacher.arch,

@@ -131,14 +131,22 @@ class LoopConfig:
     stop_after_steps: int | None = None  # for tests and benchmarks: stop (as if interrupted) after N steps
 
 
-def _state(method: Method, pos: int, step: int, sums: MetricSums, records: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass
+class PlanResult:
+    records: list[dict[str, Any]]  # one per epoch, as in metrics.jsonl
+    seconds: float  # training time over every process of the run (resumes included)
+
+
+def _state(
+    method: Method, pos: int, step: int, sums: MetricSums, records: list[dict[str, Any]], elapsed: float
+) -> dict[str, Any]:
     return {
         "position": {"epoch_index": pos, "step": step},
         "method": method.state_dict(),
         "rng": rng_state(),
         "sums": sums.state_dict(),
-        "n_records": len(records),
         "records": records,
+        "elapsed": elapsed,
     }
 
 
@@ -150,22 +158,31 @@ def run_plan(
     resume: bool = False,
     config: LoopConfig | None = None,
     summary_keys: list[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Run every epoch of the method's plan; return the per-epoch records (also in metrics.jsonl)."""
+) -> PlanResult:
+    """Run every epoch of the method's plan (from the saved position with ``resume``).
+
+    Per-epoch records go to metrics.jsonl; they hold figures only, no timings, so two runs
+    of a deterministic recipe write identical files.
+    """
     config = config or LoopConfig()
     plan = method.plan()
     records: list[dict[str, Any]] = []
-    start_epoch, start_step = 0, 0
+    start_epoch, start_step, prior = 0, 0, 0.0
     sums = MetricSums()
     if resume:
         state = load_train_state(folder.state_path)
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"])
-        records = state["records"]
+        records, prior = state["records"], state["elapsed"]
         start_epoch, start_step = state["position"]["epoch_index"], state["position"]["step"]
         sums.load_state_dict(state["sums"], device)
-        folder.truncate_metrics(state["n_records"])
+        folder.truncate_metrics(len(records))
         progress.line(f"resuming at epoch {start_epoch + 1}/{len(plan)}, step {start_step}")
+    began = time.perf_counter()
+
+    def save(pos: int, step: int) -> None:
+        elapsed = prior + time.perf_counter() - began
+        save_train_state(folder.state_path, _state(method, pos, step, sums, records, elapsed))
 
     total_steps = 0
     with StopRequest().installed() as stop:
@@ -182,26 +199,25 @@ def run_plan(
                     step += 1
                     total_steps += 1
                     progress.advance()
-                    if step < len(loader) and (
-                        stop
-                        or (config.save_every_steps and step % config.save_every_steps == 0)
-                        or (config.stop_after_steps is not None and total_steps >= config.stop_after_steps)
-                    ):
+                    halt = bool(stop) or (config.stop_after_steps is not None and total_steps >= config.stop_after_steps)
+                    periodic = config.save_every_steps > 0 and step % config.save_every_steps == 0
+                    if step < len(loader) and (halt or periodic):
                         _check_finite(sums, ep)
-                        save_train_state(folder.state_path, _state(method, ep.index, step, sums, records))
-                        if stop or (config.stop_after_steps is not None and total_steps >= config.stop_after_steps):
+                        save(ep.index, step)
+                        if halt:
                             raise _interrupted(stop.signum, folder)
             finally:
                 progress.stop()
-            record = _close_epoch(method, ep, sums, time.perf_counter() - tick)
+            record = _close_epoch(method, ep, sums)
             records.append(record)
             folder.log(record)
-            progress.line(format_record(record, summary_keys or list(record)))
+            line = format_record(record, summary_keys or list(record))
+            progress.line(f"{line} ({time.perf_counter() - tick:.1f}s)")
             sums, start_step = MetricSums(), 0
-            save_train_state(folder.state_path, _state(method, ep.index + 1, 0, sums, records))
+            save(ep.index + 1, 0)
             if stop and ep.index + 1 < len(plan):
                 raise _interrupted(stop.signum, folder)
-    return records
+    return PlanResult(records, prior + time.perf_counter() - began)
 
 
 def _label(ep: EpochPlan) -> str:
@@ -220,7 +236,7 @@ def _check_finite(sums: MetricSums, ep: EpochPlan) -> None:
             raise RunError(f"loss term '{name}' is not finite in epoch {ep.index + 1} ({_label(ep)})")
 
 
-def _close_epoch(method: Method, ep: EpochPlan, sums: MetricSums, seconds: float) -> dict[str, Any]:
+def _close_epoch(method: Method, ep: EpochPlan, sums: MetricSums) -> dict[str, Any]:
     _check_finite(sums, ep)
     means, _ = sums.read()
     record: dict[str, Any] = {
@@ -230,7 +246,6 @@ def _close_epoch(method: Method, ep: EpochPlan, sums: MetricSums, seconds: float
         **{k: round(v, 6) for k, v in means.items()},
     }
     record.update(method.end_epoch(ep, record))
-    record["seconds"] = round(seconds, 3)
     return record
 
 

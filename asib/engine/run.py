@@ -30,8 +30,11 @@ class RunFolder:
     def existing(self) -> list[str]:
         return [name for name in self.artifacts if (self.path / name).exists()]
 
-    def check(self, force: bool, resume: bool) -> None:
-        """Before any work: is the folder free, or are we told to continue or replace it?"""
+    def check(self, force: bool, resume: bool, recipe_yaml: str | None = None) -> None:
+        """Before any work: is the folder free, or are we told to continue or replace it?
+
+        A resume must use the recipe the run started with (``recipe_yaml``, resolved).
+        """
         if force and resume:
             raise RunError("--force and --resume exclude each other")
         if self.path.exists() and not self.path.is_dir():
@@ -42,6 +45,15 @@ class RunFolder:
                 done = (self.path / "summary.json").exists()
                 why = "the run has finished" if done else "no train state was written"
                 raise RunError(f"{self.path}: nothing to resume ({why})", hint="use --force to start over")
+            saved = self.path / "recipe.yaml"
+            if recipe_yaml is not None and saved.exists() and saved.read_text() != recipe_yaml:
+                old, new = saved.read_text().splitlines(), recipe_yaml.splitlines()
+                first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+                shown = new[first].strip() if first < len(new) else "(end of recipe)"
+                raise RunError(
+                    f"{self.path}: the recipe differs from the one the run started with (first at: {shown})",
+                    hint=f"resume with the same recipe and --set values (see {saved}), or use --force",
+                )
             return
         if found and not force:
             raise RunError(

@@ -1,0 +1,90 @@
+"""asib as a library: one import for building, fusing, training, freezing and measuring.
+
+    import asib.api as asib
+    student = asib.create_student_by_name("resnet8", num_classes=10)
+
+Every name here lives in its own module (``asib.models``, ``asib.engine.*``, ``asib.data``);
+this module only gathers them. Functions that take a recipe spec accept the typed spec or
+a plain dict, which is validated first with the same error lines as the CLI.
+"""
+
+from __future__ import annotations
+
+from asib.data import InMemoryLoader, load_info, make_loader
+from asib.data.tasks import ClassInfoMixin, TaskSplit, get_split_loaders, prepare_dataset, task_classes
+from asib.engine.checkpoint import load_model, read_info, save_model
+from asib.engine.distiller import ASIBDistiller
+from asib.engine.evaluate import compute_accuracy
+from asib.engine.logging import ExperimentLogger, get_logger, track
+from asib.engine.losses import ib_loss, kd_loss_fn
+from asib.engine.progress import Progress
+from asib.engine.runtime import set_random_seed
+from asib.engine.schedules import get_beta, get_tau
+from asib.engine.stages import (
+    Optimizers,
+    create_optimizers_and_schedulers,
+    run_training_stages,
+    student_distillation_update,
+    teacher_adaptive_update,
+)
+from asib.models import (
+    apply_freeze_level,
+    build_ib_mbm_from_teachers,
+    build_model,
+    count_trainable_parameters,
+    create_student_by_name,
+    create_teacher_by_name,
+    setup_partial_freeze_schedule,
+)
+from asib.recipe import AugmentSpec, DistillSpec, OptimSpec, Recipe, load_recipe, spec_from
+
+__all__ = [
+    # models
+    "build_model",
+    "create_teacher_by_name",
+    "create_student_by_name",
+    "count_trainable_parameters",
+    "load_model",
+    "read_info",
+    "save_model",
+    # fusing teachers
+    "build_ib_mbm_from_teachers",
+    "ASIBDistiller",
+    # training
+    "Optimizers",
+    "create_optimizers_and_schedulers",
+    "run_training_stages",
+    "teacher_adaptive_update",
+    "student_distillation_update",
+    # freezing
+    "setup_partial_freeze_schedule",
+    "apply_freeze_level",
+    # losses and schedules
+    "ib_loss",
+    "kd_loss_fn",
+    "get_tau",
+    "get_beta",
+    # data
+    "prepare_dataset",
+    "ClassInfoMixin",
+    "get_split_loaders",
+    "task_classes",
+    "TaskSplit",
+    "InMemoryLoader",
+    "make_loader",
+    "load_info",
+    # utilities
+    "compute_accuracy",
+    "set_random_seed",
+    "Progress",
+    "track",
+    "ExperimentLogger",
+    "get_logger",
+    # recipe specs
+    "AugmentSpec",
+    "DistillSpec",
+    "OptimSpec",
+    "Recipe",
+    "load_recipe",
+    "spec_from",
+]

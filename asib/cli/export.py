@@ -1,0 +1,45 @@
+"""``asib export CHECKPOINT --format onnx|torchscript|safetensors --out FILE``: a checked, portable model file."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from asib.cli._common import handle_errors, out_console
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+    safetensors = "safetensors"
+
+
+@handle_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a teacher or student .safetensors", show_default=False)],
+    format_: Annotated[
+        ExportFormat,
+        typer.Option("--format", "-f", help="onnx (dynamic batch), torchscript (traced) or safetensors (plain)"),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="file to write", show_default=False)],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="prepared data folder: check the export on its test images (default: random inputs)"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out file")] = False,
+) -> None:
+    """Export a model and check it against PyTorch (max |difference| of the logits must stay under 1e-4)."""
+    from asib.engine.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, format_.value, out, data_dir=data, force=force)
+    size = f"{result.bytes / 1e6:.2f} MB" if result.bytes >= 1e5 else f"{result.bytes / 1e3:.1f} kB"
+    console = out_console()
+    console.print(f"wrote {result.out} ({result.format}, {result.kind} {result.arch}, {size})", markup=False)
+    console.print(
+        f"max |{result.format} - torch| = {result.max_abs_diff:.3g} on {result.inputs}", markup=False
+    )
+    if result.note:
+        console.print(f"note: {result.note}", markup=False, style="dim")
