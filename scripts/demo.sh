@@ -18,3 +18,5 @@ for t in "$RUN"/teachers/*/model.safetensors; do
 done
 echo
 asib distill "$RECIPE" --force
+echo
+asib export "$RUN"/student.safetensors --format onnx --out exports/digits_student.onnx --data "$DATA" --force

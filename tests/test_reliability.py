@@ -316,3 +316,15 @@ def test_no_pickle_and_safe_torch_load_in_package() -> None:
                 if isinstance(node, ast.ImportFrom) and node.module == "pickle" and path.name != "sources.py":
                     offenders.append(f"{path}:{node.lineno} from pickle import ...")
     assert offenders == []
+
+
+def test_second_process_on_a_run_folder_is_refused(tmp_path: Path) -> None:
+    first = RunFolder(tmp_path / "run", ())
+    first.start("x: 1\n", force=False, resume=False)
+    code = (
+        "import sys; from asib.engine.run import RunFolder; from asib.errors import RunError\n"
+        f"f = RunFolder({str(tmp_path / 'run')!r}, ())\n"
+        "try:\n    f.lock()\nexcept RunError as e:\n    print(e.message); sys.exit(3)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 3 and f"pid {os.getpid()}" in out.stdout

@@ -177,7 +177,10 @@ def run_plan(
         start_epoch, start_step = state["position"]["epoch_index"], state["position"]["step"]
         sums.load_state_dict(state["sums"], device)
         folder.truncate_metrics(len(records))
-        progress.line(f"resuming at epoch {start_epoch + 1}/{len(plan)}, step {start_step}")
+        if start_epoch < len(plan):
+            progress.line(f"resuming at epoch {start_epoch + 1}/{len(plan)}, step {start_step}")
+        else:
+            progress.line("resuming after the last epoch: finishing the run")
     began = time.perf_counter()
 
     def save(pos: int, step: int) -> None:

@@ -48,7 +48,7 @@ class RunFolder:
             saved = self.path / "recipe.yaml"
             if recipe_yaml is not None and saved.exists() and saved.read_text() != recipe_yaml:
                 old, new = saved.read_text().splitlines(), recipe_yaml.splitlines()
-                first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+                first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
                 shown = new[first].strip() if first < len(new) else "(end of recipe)"
                 raise RunError(
                     f"{self.path}: the recipe differs from the one the run started with (first at: {shown})",
@@ -61,9 +61,30 @@ class RunFolder:
                 hint="use --resume to continue it or --force to start over",
             )
 
-    def start(self, recipe_yaml: str, force: bool, resume: bool) -> None:
-        """Create the folder (after ``check``); with ``force`` remove the old run's files only."""
+    def lock(self) -> None:
+        """Hold an exclusive lock on the folder for this process's lifetime: two processes
+        writing one run folder would corrupt each other's files."""
+        import fcntl
+        import os
+
         self.path.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path / ".lock", "a+")  # noqa: SIM115 (held open on purpose)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunError(f"{self.path}: another asib process (pid {owner}) is writing this run") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock = fh
+
+    def start(self, recipe_yaml: str, force: bool, resume: bool) -> None:
+        """Lock and create the folder (after ``check``); with ``force`` remove the old run's files only."""
+        self.lock()
         if force:
             for name in self.existing():
                 (self.path / name).unlink()

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST ablation ladder, as reported in the README:
+#   1. data and teachers (recipes/fashion_mnist.yaml),
+#   2. baselines tuned on the validation split: the CE student's learning rate, then tau for avg_kd,
+#   3. rungs L0-L4 with seeds 0, 1, 2, at the chosen learning rate and tau,
+#   4. the summary table (mean and spread over seeds) from every run's summary.json.
+# Usage: scripts/ladder.sh [data|tune-lr|tune-tau|ladder|table] (default: all, in order).
+# LR and TAU override the chosen values for the ladder step. Runs already finished are kept.
+set -euo pipefail
+ASIB=${ASIB:-asib}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+LR=${LR:-3.0e-3}
+TAU=${TAU:-4.0}
+
+run() {  # run OUT RECIPE [--set ...]: one distill run, skipped when its summary exists
+  local out=$1; shift
+  local recipe=$1; shift
+  if [ -f "$out/summary.json" ]; then echo "have $out"; return; fi
+  "$ASIB" distill "$recipe" --out "$out" --force -q "$@"
+}
+
+step_data() {
+  "$ASIB" prepare-data recipes/fashion_mnist.yaml || true   # refuses to overwrite a prepared folder
+  for t in resnet20 vgg8; do
+    [ -f "runs/fashion_mnist/teachers/$t/summary.json" ] || "$ASIB" finetune-teacher recipes/fashion_mnist.yaml --teacher "$t" --force -q
+  done
+}
+
+step_tune_lr() {
+  for lr in 1.0e-3 3.0e-3 1.0e-2; do
+    run "runs/ladder/tune/ce_lr$lr" recipes/ladder/L0.yaml --set "distill.student_optim.lr=$lr"
+  done
+}
+
+step_tune_tau() {
+  for tau in 1 2 4; do
+    run "runs/ladder/tune/avgkd_tau$tau" recipes/ladder/L1.yaml --set "distill.tau=$tau" --set "distill.student_optim.lr=$LR"
+  done
+}
+
+step_ladder() {
+  for seed in 0 1 2; do
+    for rung in L0 L1 L2 L3 L4; do
+      run "runs/ladder/${rung}_s$seed" "recipes/ladder/$rung.yaml" --set "seed=$seed" \
+        --set "distill.student_optim.lr=$LR" --set "distill.tau=$TAU"
+    done
+  done
+}
+
+step_table() {
+  python - <<'PY'
+import json, pathlib, statistics
+rows = {}
+for p in sorted(pathlib.Path("runs/ladder").glob("L?_s*/summary.json")):
+    rows.setdefault(p.parent.name.split("_")[0], []).append(json.loads(p.read_text()))
+print("| rung | student test top-1 (mean ± sd) | seeds | synergy test top-1 | student val top-1 |")
+print("|---|---|---|---|---|")
+for rung, runs in sorted(rows.items()):
+    acc = [r["student_test_top1"] for r in runs]
+    syn = [r["synergy_test_top1"] for r in runs if r["synergy_test_top1"] is not None]
+    val = [r["student_val_top1"] for r in runs]
+    sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+    syn_s = f"{statistics.mean(syn):.2f}" if syn else "-"
+    print(f"| {rung} | {statistics.mean(acc):.2f} ± {sd:.2f} | {len(acc)} | {syn_s} | {statistics.mean(val):.2f} |")
+PY
+}
+
+case "${1:-all}" in
+  data) step_data ;;
+  tune-lr) step_tune_lr ;;
+  tune-tau) step_tune_tau ;;
+  ladder) step_ladder ;;
+  table) step_table ;;
+  all) step_data; step_tune_lr; step_tune_tau; step_ladder; step_table ;;
+  *) echo "usage: $0 [data|tune-lr|tune-tau|ladder|table]" >&2; exit 2 ;;
+esac
