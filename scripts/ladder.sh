@@ -21,13 +21,13 @@ run() {  # run OUT RECIPE [--set ...]: one distill run, skipped when its summary
 
 step_data() {
   "$ASIB" prepare-data recipes/fashion_mnist.yaml || true   # refuses to overwrite a prepared folder
-  for t in resnet20 vgg8; do
+  for t in resnet20 wrn_16_1; do
     [ -f "runs/fashion_mnist/teachers/$t/summary.json" ] || "$ASIB" finetune-teacher recipes/fashion_mnist.yaml --teacher "$t" --force -q
   done
 }
 
 step_tune_lr() {
-  for lr in 1.0e-3 3.0e-3 1.0e-2; do
+  for lr in 1.0e-3 3.0e-3 1.0e-2 3.0e-2; do
     run "runs/ladder/tune/ce_lr$lr" recipes/ladder/L0.yaml --set "distill.student_optim.lr=$lr"
   done
 }

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from asib.cli._common import handle_errors, out_console
+
+
+class GroupBy(str, Enum):
+    recipe = "recipe"
+    name = "name"
 
 
 @handle_errors
@@ -18,14 +24,17 @@ def report(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder for the PNGs, report.md and report.json")],
     group_by: Annotated[
-        str, typer.Option("--group-by", help="recipe: runs whose recipes differ only by seed are one row; name: by recipe name")
-    ] = "recipe",
+        GroupBy,
+        typer.Option("--group-by", help="recipe: runs whose recipes differ only by seed are one row; name: by recipe name"),
+    ] = GroupBy.recipe,
+    table_only: Annotated[bool, typer.Option("--table-only", help="write report.md and report.json, no plots")] = False,
 ) -> None:
     """PNG plots per run (accuracy, loss terms, schedules, attention) and a markdown table; seeds are aggregated."""
     from asib.engine.report import make_report
 
-    result = make_report(runs, out, group_by=group_by)
+    result = make_report(runs, out, group_by=group_by.value, plots=not table_only)
     console = out_console()
     console.print(result.table, markup=False, end="")
     n_png = sum(p.suffix == ".png" for p in result.files)
-    console.print(f"\nwrote {n_png} plots, report.md and report.json to {result.out_dir}", markup=False)
+    plots = f"{n_png} plots, " if n_png else ""
+    console.print(f"\nwrote {plots}report.md and report.json to {result.out_dir}", markup=False)

@@ -122,7 +122,7 @@ def check_inputs(
     shape = input_shape(info, model)
     if data_dir is None:
         gen = torch.Generator().manual_seed(0)
-        return torch.randn((n, *shape), generator=gen), f"{n} seeded random inputs of shape {shape}"
+        return torch.randn((n, *shape), generator=gen), f"{n} seeded random input{'s' if n != 1 else ''} of shape {shape}"
     from asib.data import load_info, make_loader
 
     data = load_info(data_dir)
@@ -165,6 +165,11 @@ def export_metadata(info: CheckpointInfo, model: nn.Module) -> dict[str, str]:
 Runner = Callable[[torch.Tensor], np.ndarray | torch.Tensor]
 
 
+def _example(inputs: torch.Tensor) -> torch.Tensor:
+    """The traced example: batch 2 even from one input (torch.export would fix a batch of 1 as a constant)."""
+    return torch.cat([inputs, inputs])[:EXAMPLE_BATCH].clone()
+
+
 def _require(module: str, package: str) -> None:
     import importlib.util
 
@@ -184,7 +189,7 @@ def _write_onnx(model: nn.Module, info: CheckpointInfo, tmp: Path, inputs: torch
     import onnx
     import onnxruntime as ort
 
-    example = inputs[:EXAMPLE_BATCH].clone()
+    example = _example(inputs)
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about decompositions on stderr-free paths
@@ -217,7 +222,7 @@ def _write_torchscript(model: nn.Module, info: CheckpointInfo, tmp: Path, inputs
     """A traced module; the metadata travels as ``asib_meta.json`` in its extra files."""
     import warnings
 
-    example = inputs[:EXAMPLE_BATCH].clone()
+    example = _example(inputs)
     with warnings.catch_warnings():
         # torch.jit warns (FutureWarning) on every call; the CLI prints one note instead.
         warnings.simplefilter("ignore", FutureWarning)

@@ -106,7 +106,7 @@ def track(
         total = len(iterable)  # type: ignore[arg-type]
     progress = Progress(enabled=True, stream=stream or sys.stderr)
     if progress.live:
-        progress.start(description, total or 0)
+        progress.start(description, total)  # type: ignore[arg-type]  # None: a bar of unknown length
     try:
         for item in iterable:
             yield item

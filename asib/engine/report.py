@@ -215,13 +215,46 @@ def group_runs(runs: Sequence[Run], group_by: str = "recipe") -> list[Group]:
     for g in out:
         first = g.runs[0]
         g.label = first.name if g.kind == "distill" else f"{first.name}/{first.teacher}"
-    seen: dict[str, int] = {}
+    by_label: dict[str, list[Group]] = {}
     for g in out:
-        seen[g.label] = seen.get(g.label, 0) + 1
-    for g in out:
-        if seen[g.label] > 1:
-            g.label = f"{g.label} ({g.runs[0].label})"
+        by_label.setdefault(g.label, []).append(g)
+    for same in by_label.values():
+        if len(same) > 1:
+            _tell_apart(same)
     return out
+
+
+def _flat(data: Any, path: str = "") -> dict[str, Any]:
+    """``{"distill": {"tau": 2}, "teachers": [{"arch": "x"}]}`` -> ``{"distill.tau": 2, "teachers[0].arch": "x"}``."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            if not path and key in ("seed", "out_dir", "name"):
+                continue
+            out.update(_flat(value, f"{path}.{key}" if path else str(key)))
+        return out
+    if isinstance(data, list) and any(isinstance(v, (dict, list)) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(_flat(value, f"{path}[{i}]"))
+        return out
+    return {path: data}
+
+
+def _short(value: Any, limit: int = 32) -> str:
+    text = str(value)
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
+def _tell_apart(groups: Sequence[Group]) -> None:
+    """Groups sharing a recipe name get the recipe values they differ in: ``L1 (distill.tau=2.0)``."""
+    flats = [_flat(g.runs[0].recipe) for g in groups]
+    keys = sorted({k for f in flats for k in f})
+    differ = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flats}) > 1]
+    differ.sort(key=lambda k: (not k.startswith("distill."), not k.startswith(("student", "teachers")), k))
+    for g, f in zip(groups, flats, strict=True):
+        shown = ", ".join(f"{k}={_short(f.get(k))}" for k in differ[:1]) + (", ..." if len(differ) > 1 else "")
+        g.label = f"{g.label} ({shown or g.runs[0].label})"
 
 
 # ---------------------------------------------------------------- tables
@@ -267,12 +300,20 @@ def markdown_tables(groups: Sequence[Group]) -> str:
         head = ["run", "arch", "n", "seeds"] + [name for name, _ in FINETUNE_COLUMNS]
         rows = []
         for g in finetune:
-            arch = str((g.runs[0].summary or {}).get("arch", "?"))
+            arch = str((g.runs[0].summary or {}).get("arch") or _recipe_arch(g.runs[0]))
             cells = [g.label + _row_note(g), arch, str(len(g.runs)), _seeds_text(g)]
             cells += [g.stat(key).text(1 if key == "seconds" else 2) for _, key in FINETUNE_COLUMNS]
             rows.append(cells)
         parts.append(_markdown(head, rows))
     return "\n\n".join(parts) + "\n"
+
+
+def _recipe_arch(run: Run) -> str:
+    """A finetune run's architecture from its recipe (an unfinished run has no summary yet)."""
+    for teacher in run.recipe.get("teachers") or []:
+        if isinstance(teacher, dict) and teacher.get("name") == run.teacher:
+            return str(teacher.get("arch", "?"))
+    return "?"
 
 
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
@@ -385,7 +426,7 @@ def _shade_phases(ax: Any, records: Sequence[dict[str, Any]]) -> None:
             ax.axvline(float(r.get("epoch", 0)) - 0.5, color="0.4", ls=":", lw=0.8)
 
 
-def _phase_legend(ax: Any, records: Sequence[dict[str, Any]], loc: str = "best") -> None:
+def _phase_legend(ax: Any, records: Sequence[dict[str, Any]], loc: str = "best", outside: bool = False) -> None:
     from matplotlib.patches import Patch
 
     phases = [p for p in ("A", "B") if any(r.get("phase") == p for r in records)]
@@ -393,7 +434,8 @@ def _phase_legend(ax: Any, records: Sequence[dict[str, Any]], loc: str = "best")
     handles += [Patch(color=PHASE_COLORS[p], alpha=0.25) for p in phases]
     labels += [PHASE_NAMES[p] for p in phases]
     if handles:
-        ax.legend(handles, labels, fontsize=7, loc=loc, framealpha=0.85)
+        anchor = {"bbox_to_anchor": (1.01, 0.5)} if outside else {}
+        ax.legend(handles, labels, fontsize=7, loc=loc, framealpha=0.85, **anchor)
 
 
 def _plot_keys(ax: Any, records: Sequence[dict[str, Any]], keys: Iterable[str], labels: dict[str, str] | None = None) -> int:
@@ -418,7 +460,7 @@ def _finish_axes(ax: Any, title: str, ylabel: str, xlabel: str = "epoch") -> Non
 
 def plot_accuracy(run: Run, path: Path) -> Path:
     """Validation accuracy per epoch; teachers as flat lines; final test figures as markers."""
-    fig, (ax,) = _figure()
+    fig, (ax,) = _figure(width=9.0)
     recs = run.records
     _shade_phases(ax, recs)
     if run.kind == "distill":
@@ -444,7 +486,7 @@ def plot_accuracy(run: Run, path: Path) -> Path:
         title = f"{run.label}: accuracy"
     _finish_axes(ax, title, "top-1 (%)")
     _epoch_axis([ax], recs, right_pad=1.0)
-    _phase_legend(ax, recs, loc="lower right")
+    _phase_legend(ax, recs, loc="center left", outside=True)
     return _save(fig, path)
 
 
@@ -562,9 +604,11 @@ def plot_run(run: Run, folder: Path) -> list[Path]:
     return files
 
 
-def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path, group_by: str = "recipe") -> Report:
+def make_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, group_by: str = "recipe", plots: bool = True
+) -> Report:
     """Plots of every run, the comparison table (``report.md``, ``report.json``) and, for several runs,
-    the overlaid accuracy plot, all under ``out_dir``."""
+    the overlaid accuracy plot, all under ``out_dir``. ``plots=False`` writes the table only."""
     if not run_dirs:
         raise AsibError("give at least one run folder")
     unique: dict[Path, Path] = {}
@@ -581,9 +625,9 @@ def make_report(run_dirs: Sequence[str | Path], out_dir: str | Path, group_by: s
         raise AsibError(f"--out {out_dir}: exists and is not a folder")
     groups = group_runs(runs, group_by)
     files: list[Path] = []
-    for run in runs:
+    for run in runs if plots else []:
         files += plot_run(run, out_dir / run.label)
-    if len(runs) > 1:
+    if plots and len(runs) > 1:
         files.append(plot_comparison(groups, out_dir / "accuracy_compare.png"))
     table = markdown_tables(groups)
     title = "# asib report\n\n" + "".join(f"- `{r.path}`\n" for r in runs) + "\n"
