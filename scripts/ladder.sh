@@ -4,13 +4,16 @@
 #   2. baselines tuned on the validation split: the CE student's learning rate, then tau for avg_kd,
 #   3. rungs L0-L4 with seeds 0, 1, 2, at the chosen learning rate and tau,
 #   4. the summary table (mean and spread over seeds) from every run's summary.json.
-# Usage: scripts/ladder.sh [data|tune-lr|tune-tau|ladder|table] (default: all, in order).
-# LR and TAU override the chosen values for the ladder step. Runs already finished are kept.
+#   5. single-seed ablations around L4 (ablate).
+# Usage: scripts/ladder.sh [data|tune-lr|tune-tau|ladder|ablate|table] (default: all, in order).
+# LR and TAU set the chosen values for the ladder and ablations; SEEDS the ladder's seeds
+# (default "0 1 2") and RUNGS its rungs (default "L0 L1 L2 L3 L4"). Runs already finished
+# are kept, so two shells may split the work.
 set -euo pipefail
 ASIB=${ASIB:-asib}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-LR=${LR:-3.0e-3}
-TAU=${TAU:-4.0}
+LR=${LR:-1.0e-2}
+TAU=${TAU:-1}
 
 run() {  # run OUT RECIPE [--set ...]: one distill run, skipped when its summary exists
   local out=$1; shift
@@ -39,12 +42,23 @@ step_tune_tau() {
 }
 
 step_ladder() {
-  for seed in 0 1 2; do
-    for rung in L0 L1 L2 L3 L4; do
+  for seed in ${SEEDS:-0 1 2}; do
+    for rung in ${RUNGS:-L0 L1 L2 L3 L4}; do
       run "runs/ladder/${rung}_s$seed" "recipes/ladder/$rung.yaml" --set "seed=$seed" \
         --set "distill.student_optim.lr=$LR" --set "distill.tau=$TAU"
     done
   done
+}
+
+step_ablate() {
+  local base=(--set seed=0 --set "distill.student_optim.lr=$LR" --set "distill.tau=$TAU")
+  local other_tau=1; [ "$TAU" = "1" ] && other_tau=4
+  run runs/ladder/ablate/L4_target_mu recipes/ladder/L4.yaml "${base[@]}" --set distill.synergy_target=mu
+  run runs/ladder/ablate/L4_no_gate recipes/ladder/L4.yaml "${base[@]}" --set distill.synergy_gate=false
+  run "runs/ladder/ablate/L4_tau$other_tau" recipes/ladder/L4.yaml "${base[@]}" --set "distill.tau=$other_tau"
+  run runs/ladder/ablate/L4_ens_only recipes/ladder/L4.yaml "${base[@]}" --set distill.kd_alpha=0 --set distill.kd_ens_alpha=0.7
+  run runs/ladder/ablate/L0_long recipes/ladder/L0.yaml "${base[@]}" --set distill.student_epochs=8
+  run runs/ladder/ablate/L4_long recipes/ladder/L4.yaml "${base[@]}" --set distill.student_epochs=8
 }
 
 step_table() {
@@ -70,7 +84,8 @@ case "${1:-all}" in
   tune-lr) step_tune_lr ;;
   tune-tau) step_tune_tau ;;
   ladder) step_ladder ;;
+  ablate) step_ablate ;;
   table) step_table ;;
-  all) step_data; step_tune_lr; step_tune_tau; step_ladder; step_table ;;
-  *) echo "usage: $0 [data|tune-lr|tune-tau|ladder|table]" >&2; exit 2 ;;
+  all) step_data; step_tune_lr; step_tune_tau; step_ladder; step_ablate; step_table ;;
+  *) echo "usage: $0 [data|tune-lr|tune-tau|ladder|ablate|table]" >&2; exit 2 ;;
 esac
