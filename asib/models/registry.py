@@ -224,32 +224,14 @@ def build_model(name: str, **kwargs: Any) -> FeatureClassifier:
     return create_model(name, **kwargs)
 
 
-def create_teacher_by_name(
-    name: str,
-    num_classes: int,
-    pretrained: bool = False,
-    small_input: bool = False,
-    weights: str | Path | None = None,
-    **kw: Any,
-) -> FeatureClassifier:
-    """A teacher by architecture name (same as ``create_model``)."""
-    return create_model(
-        name, num_classes, small_input=small_input, pretrained=pretrained, weights=weights, **kw
-    )
+def create_teacher_by_name(name: str, num_classes: int, **kwargs: Any) -> FeatureClassifier:
+    """A teacher by architecture name; keywords as ``create_model`` (pretrained, small_input, weights, drop_rate)."""
+    return create_model(name, num_classes, **kwargs)
 
 
-def create_student_by_name(
-    name: str,
-    num_classes: int,
-    pretrained: bool = False,
-    small_input: bool = False,
-    weights: str | Path | None = None,
-    **kw: Any,
-) -> FeatureClassifier:
-    """A student by architecture name (same as ``create_model``)."""
-    return create_model(
-        name, num_classes, small_input=small_input, pretrained=pretrained, weights=weights, **kw
-    )
+def create_student_by_name(name: str, num_classes: int, **kwargs: Any) -> FeatureClassifier:
+    """A student by architecture name; keywords as ``create_model``."""
+    return create_model(name, num_classes, **kwargs)
 
 
 def model_from_spec(spec: ModelSpec, num_classes: int) -> FeatureClassifier:
