@@ -217,6 +217,7 @@ class Recipe(Spec):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = Field(False, description="bit-for-bit repeatable on CPU (slower on CUDA)")
     compile: bool = Field(False, description="torch.compile the trained model (pays a compile time once)")
+    sync_bn: bool = Field(False, description="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
     data: DataSpec = DataSpec()
     teachers: list[TeacherSpec] = Field(default_factory=list)
     student: StudentSpec | None = None

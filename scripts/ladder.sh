@@ -4,7 +4,7 @@
 #   2. baselines tuned on the validation split: the CE student's learning rate, then tau for avg_kd,
 #   3. rungs L0-L4 with seeds 0, 1, 2, at the chosen learning rate and tau,
 #   4. the summary table (mean and spread over seeds) from every run's summary.json.
-#   5. single-seed ablations around L4 (ablate).
+#   5. single-seed ablations around L3 (ablate; REVERSE=1 walks the list backwards).
 # Usage: scripts/ladder.sh [data|tune-lr|tune-tau|ladder|ablate|table] (default: all, in order).
 # LR and TAU set the chosen values for the ladder and ablations; SEEDS the ladder's seeds
 # (default "0 1 2") and RUNGS its rungs (default "L0 L1 L2 L3 L4"). Runs already finished
@@ -50,15 +50,25 @@ step_ladder() {
   done
 }
 
-step_ablate() {
+step_ablate() {  # single-seed ablations around L3 (ASIB with the IB, nothing else), seed 0
   local base=(--set seed=0 --set "distill.student_optim.lr=$LR" --set "distill.tau=$TAU")
-  local other_tau=1; [ "$TAU" = "1" ] && other_tau=4
-  run runs/ladder/ablate/L4_target_mu recipes/ladder/L4.yaml "${base[@]}" --set distill.synergy_target=mu
-  run runs/ladder/ablate/L4_no_gate recipes/ladder/L4.yaml "${base[@]}" --set distill.synergy_gate=false
-  run "runs/ladder/ablate/L4_tau$other_tau" recipes/ladder/L4.yaml "${base[@]}" --set "distill.tau=$other_tau"
-  run runs/ladder/ablate/L4_ens_only recipes/ladder/L4.yaml "${base[@]}" --set distill.kd_alpha=0 --set distill.kd_ens_alpha=0.7
-  run runs/ladder/ablate/L0_long recipes/ladder/L0.yaml "${base[@]}" --set distill.student_epochs=8
-  run runs/ladder/ablate/L4_long recipes/ladder/L4.yaml "${base[@]}" --set distill.student_epochs=8
+  local other_tau=4; [ "$TAU" = "4" ] && other_tau=1
+  local runs=(
+    "L3_target_mu L3 --set distill.synergy_target=mu"
+    "L3_no_gate L3 --set distill.synergy_gate=false"
+    "L3_ens_only L3 --set distill.kd_alpha=0 --set distill.kd_ens_alpha=0.7 --set distill.synergy_gate=false"
+    "L3_tau$other_tau L3 --set distill.tau=$other_tau"
+    "L3_long L3 --set distill.student_epochs=8"
+    "L0_long L0 --set distill.student_epochs=8"
+    "L3_cccp L3 --set distill.cccp=true"
+    "L4_no_unfreeze L4 --set distill.teacher_freeze_schedule=null"
+  )
+  [ -n "${REVERSE:-}" ] && mapfile -t runs < <(printf '%s\n' "${runs[@]}" | tac)
+  for item in "${runs[@]}"; do
+    read -r name rung sets <<<"$item"
+    # shellcheck disable=SC2086  # the --set pairs are meant to split
+    run "runs/ladder/ablate/$name" "recipes/ladder/$rung.yaml" "${base[@]}" $sets
+  done
 }
 
 step_table() {

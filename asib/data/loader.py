@@ -146,7 +146,9 @@ class InMemoryLoader:
         order = self.indices(epoch)
         for b in range(start, self._len):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self._make_batch(self.images[idx], self.labels[idx], epoch, b)
+            # index_select is much faster than advanced indexing for a batch of whole images
+            images = self.images.index_select(0, idx)
+            yield self._make_batch(images, self.labels.index_select(0, idx), epoch, b)
 
     def _make_batch(self, x: torch.Tensor, y: torch.Tensor, epoch: int, index: int) -> Batch:
         """Augment (when asked), normalise and mix one batch of uint8 images."""

@@ -20,6 +20,7 @@ from asib.engine.checkpoint import (
     save_tensors,
 )
 from asib.engine.distiller import ASIBDistiller
+from asib.engine.distributed import convert_sync_bn, init_distributed, route
 from asib.engine.evaluate import evaluate_predictor, top1_of
 from asib.engine.finetune import checkpoint_extras
 from asib.engine.loaders import SplitLoaders, split_loaders
@@ -200,7 +201,8 @@ class DistillTraining:
 
     def step(self, ep: EpochPlan, batch: Batch) -> dict[str, torch.Tensor]:
         d = self.d
-        with self.runtime.autocast():
+        self.runtime.prepare(d.student, *d.teachers)  # channels_last / torch.compile, once
+        with self.runtime.autocast(), self.runtime.inference_precision():
             terms = d(batch.x, batch.y, ep.phase_epoch, ep.phase, ep.stage, ep.stage_epoch, batch.y2, batch.lam)
         opt, sched = (self.teacher_opt, self.teacher_sched) if ep.phase == "A" else (self.student_opt, self.student_sched)
         opt.zero_grad(set_to_none=True)
@@ -380,6 +382,9 @@ def distill(
     folder.check(force=force, resume=resume, recipe_yaml=recipe.to_yaml())
     info = load_info(recipe.data_dir)
     kd_teacher = resolve_kd_teacher(recipe) if spec.method == "kd" else 0
+    dist = init_distributed(recipe.device)  # under torchrun: rank 0 alone prints and writes
+    folder.writer, progress = dist.is_main, progress if dist.is_main else Progress(enabled=False)
+    batch_size = dist.per_rank_batch(spec.batch_size, "distill.batch_size")
     set_random_seed(recipe.seed, recipe.deterministic)
     runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile)
     teachers, teacher_paths = ([], []) if spec.method == "ce" else load_teachers(recipe, info.num_classes, runtime.device)
@@ -389,7 +394,9 @@ def distill(
         ib_mbm, head = build_ib_mbm_from_teachers(teachers, student, spec)
         ib_mbm, head = ib_mbm.to(runtime.device), head.to(runtime.device)
     distiller = ASIBDistiller(teachers, student, ib_mbm, head, spec, kd_teacher=kd_teacher)
-    loaders = split_loaders(recipe.data_dir, runtime, spec.batch_size, spec.eval_batch_size, spec.augment, recipe.seed)
+    convert_sync_bn(distiller, dist, recipe.sync_bn)  # in place: student, teachers, fusion
+    loaders = split_loaders(recipe.data_dir, runtime, batch_size, spec.eval_batch_size, spec.augment, recipe.seed,
+                            dist.rank, dist.world_size)
 
     teacher_val, teacher_test = _teacher_figures(teachers, loaders, runtime)
     student_path = folder.path / "student.safetensors"
@@ -397,15 +404,21 @@ def distill(
     extras = checkpoint_extras(recipe, loaders)
 
     def save_best(epoch: int) -> None:
+        if not dist.is_main:
+            return
         save_model(student_path, student, "student", {**extras, "epoch": epoch, "method": spec.method})
         if ib_mbm is not None:
             save_synergy(synergy_path, distiller, teacher_paths, student_path, spec, {"epoch": epoch})
 
-    method = DistillTraining(distiller, spec, loaders, runtime, teacher_val, save_best, progress)
+    # The step calls the distiller: under torchrun through DDP (asib.engine.distributed).
+    routed = route(distiller, dist, find_unused_parameters=True)
+    method = DistillTraining(routed, spec, loaders, runtime, teacher_val, save_best, progress)
+    dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     folder.start(recipe.to_yaml(), force=force, resume=resume)
     keys = ["epoch", "phase", "loss", "syn_ce", "ib_kl", "cccp", "ce", "kd", "kd_ens",
             "synergy_val_top1", "student_val_top1"]
-    plan = run_plan(method, folder, progress, runtime.device, resume=resume, config=loop, summary_keys=keys)
+    plan = run_plan(method, folder, progress, runtime.device, resume=resume, config=loop, summary_keys=keys, dist=dist)
+    dist.barrier()  # the best checkpoints are on disk for every rank
 
     best, _ = load_model(student_path, kinds=("student",), device=runtime.device)
     student_test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes).top1

@@ -24,6 +24,7 @@ from asib.engine.losses import (
     teacher_average,
     weighted_mean,
 )
+from asib.engine.runtime import inference_autocast
 from asib.engine.schedules import cccp_ramp, dkd_warmup, get_beta, get_tau, kd_warmup
 from asib.models.ib_mbm import IBMBM, SynergyHead, synergy_target
 from asib.recipe import DistillSpec, spec_from
@@ -56,15 +57,28 @@ class ASIBDistiller(nn.Module):
 
     # ------------------------------------------------------------ forwards
 
-    def teacher_outputs(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Pooled features and logits of every teacher; gradients only reach unfrozen blocks."""
+    def teacher_outputs(self, x: Tensor, which: Sequence[int] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Pooled features and logits of every teacher; gradients only reach unfrozen blocks.
+
+        A frozen teacher runs without autograd (in inference mode when the caller records no
+        gradient either) and in the inference precision the training step declared (bf16 on
+        CUDA and on AMX CPUs); an unfrozen one runs like the rest of the step.
+        """
         feats, logits = [], []
-        for teacher in self.teachers:
-            trainable = any(p.requires_grad for p in teacher.parameters())
-            with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+        outer_grad = torch.is_grad_enabled()
+        chosen = self.teachers if which is None else [self.teachers[i] for i in which]
+        for teacher in chosen:
+            if outer_grad and any(p.requires_grad for p in teacher.parameters()):
                 h = teacher.features(x)
                 feats.append(h)
                 logits.append(teacher.head(h).detach())
+                continue
+            # Inference tensors cannot enter a graph that records gradients (the A-step's fusion).
+            frozen = torch.no_grad() if outer_grad else torch.inference_mode()
+            with frozen, inference_autocast(x.device):
+                h = teacher.features(x)
+                feats.append(h)
+                logits.append(teacher.head(h))
         return feats, logits
 
     def synergy_logits(self, x: Tensor) -> Tensor:
@@ -180,9 +194,9 @@ class ASIBDistiller(nn.Module):
         if spec.method == "ce":
             ce = cross_entropy(s, y, spec.label_smoothing, y2, lam)
             return {"loss": ce, "ce": ce.detach(), "train_acc": (s.detach().argmax(1) == y).float().mean() * 100}
-        with torch.no_grad():
-            _, t_logits = self.teacher_outputs(x)
-            target = t_logits[self.kd_teacher] if spec.method == "kd" else teacher_average(t_logits, spec.teacher_weights)
+        with torch.no_grad():  # method kd forwards its one teacher only
+            _, t_logits = self.teacher_outputs(x, [self.kd_teacher] if spec.method == "kd" else None)
+            target = t_logits[0] if spec.method == "kd" else teacher_average(t_logits, spec.teacher_weights)
         ce = cross_entropy(s, y, spec.label_smoothing, y2, lam)
         if spec.method == "dkd":
             ramp = dkd_warmup(epoch, spec)
@@ -201,7 +215,8 @@ class ASIBDistiller(nn.Module):
             "kd_w": float(weight),
             "train_acc": (s.detach().argmax(1) == y).float().mean() * 100,
         }
-        terms.update(self._teacher_terms(t_logits))
+        if len(t_logits) > 1:
+            terms.update(self._teacher_terms(t_logits))
         return terms
 
     # ------------------------------------------------------------ logging helpers

@@ -11,6 +11,7 @@ from torch import nn
 
 from asib.data import Batch, InMemoryLoader
 from asib.engine.checkpoint import save_model
+from asib.engine.distributed import convert_sync_bn, init_distributed, route, unwrap
 from asib.engine.evaluate import EvalResult, evaluate_predictor, top1_of
 from asib.engine.loaders import SplitLoaders, split_loaders
 from asib.engine.loop import EpochPlan, LoopConfig, run_plan
@@ -61,6 +62,7 @@ class CETraining:
         self.model.train()
 
     def step(self, ep: EpochPlan, batch: Batch) -> dict[str, torch.Tensor]:
+        self.runtime.prepare(self.model)  # channels_last / torch.compile, once
         with self.runtime.autocast():
             logits = self.model(batch.x)
         loss = cross_entropy(logits.float(), batch.y, self.spec.label_smoothing, batch.y2, batch.lam)
@@ -139,24 +141,32 @@ def finetune_teacher(
     folder = RunFolder(recipe.teacher_dir(teacher), ("model.safetensors", "last.safetensors"))
     folder.check(force=force, resume=resume, recipe_yaml=recipe.to_yaml())
     info = load_info(recipe.data_dir)  # fails early, before anything is written
+    dist = init_distributed(recipe.device)  # under torchrun: rank 0 alone prints and writes
+    folder.writer, progress = dist.is_main, progress if dist.is_main else Progress(enabled=False)
     set_random_seed(recipe.seed, recipe.deterministic)
     runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile)
     spec = teacher.train
-    model = runtime.to_device(model_from_spec(teacher, info.num_classes))
+    model = runtime.to_device(convert_sync_bn(model_from_spec(teacher, info.num_classes), dist, recipe.sync_bn))
+    where = f"teachers[{recipe.teachers.index(teacher)}].train.batch_size"
     loaders = split_loaders(
-        recipe.data_dir, runtime, spec.batch_size, spec.eval_batch_size, spec.augment, recipe.seed
+        recipe.data_dir, runtime, dist.per_rank_batch(spec.batch_size, where), spec.eval_batch_size, spec.augment,
+        recipe.seed, dist.rank, dist.world_size,
     )
     checkpoint = recipe.teacher_checkpoint(teacher)
     extras = checkpoint_extras(recipe, loaders, teacher=teacher.name)
 
     def save_best(m: nn.Module, val: float | None, epoch: int) -> None:
-        save_model(checkpoint, m, "teacher", {**extras, "val_top1": val, "epoch": epoch})
+        if dist.is_main:
+            save_model(checkpoint, unwrap(m), "teacher", {**extras, "val_top1": val, "epoch": epoch})
 
-    method = CETraining(model, spec, loaders, runtime, save_best)
+    method = CETraining(route(model, dist), spec, loaders, runtime, save_best)
+    dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     folder.start(recipe.to_yaml(), force=force, resume=resume)
     plan = run_plan(method, folder, progress, runtime.device, resume=resume, config=loop,
-                    summary_keys=["epoch", "loss", "val_top1", "lr"])
-    save_model(folder.path / "last.safetensors", model, "teacher", {**extras, "epoch": spec.epochs})
+                    summary_keys=["epoch", "loss", "val_top1", "lr"], dist=dist)
+    if dist.is_main:
+        save_model(folder.path / "last.safetensors", model, "teacher", {**extras, "epoch": spec.epochs})
+    dist.barrier()  # the best checkpoint is on disk for every rank
 
     from asib.engine.checkpoint import load_model
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -25,6 +25,12 @@ from asib.engine.run import RunFolder
 from asib.engine.runtime import rng_state, set_rng_state
 from asib.engine.state import load_train_state, save_train_state
 from asib.errors import Interrupted, RunError
+
+if TYPE_CHECKING:
+    from asib.engine.distributed import Dist
+
+# Under torchrun, ranks agree on a stop request (SIGINT/SIGTERM) every this many steps.
+STOP_CHECK_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -52,13 +58,15 @@ class Method(Protocol):
 
 class MetricSums:
     """Per-term running sums: tensors stay on the device (no host sync inside the step loop),
-    plain floats (schedule values) are summed on the host."""
+    plain floats (schedule values) are summed on the host. With a distributed ``dist`` the
+    sums and counts of every rank are added up in ``read`` (a collective)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dist: Dist | None = None) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.first_bad: dict[str, torch.Tensor] = {}
         self.host: dict[str, float] = {}
         self.count = 0
+        self.dist = dist if dist is not None and dist.enabled else None
 
     def add(self, terms: dict[str, torch.Tensor | float], n: int, step: int) -> None:
         for name, value in terms.items():
@@ -76,6 +84,8 @@ class MetricSums:
 
     def read(self) -> tuple[dict[str, float], dict[str, int]]:
         """Means and first non-finite step per term, with one transfer."""
+        if self.dist is not None:
+            return self.reduced().read()
         count = max(1, self.count)
         means = {k: v / count for k, v in self.host.items()}
         if not self.sums:
@@ -85,6 +95,25 @@ class MetricSums:
         means.update({k: flat[i] / count for i, k in enumerate(names)})
         bad = {k: int(flat[len(names) + i]) for i, k in enumerate(names) if flat[len(names) + i] >= 0}
         return means, bad
+
+    def reduced(self) -> MetricSums:
+        """The sums of every rank added up (every rank gets them): two all-reduces, one transfer."""
+        dist, names, hosts = self.dist, list(self.sums), list(self.host)
+        assert dist is not None
+        dev = dist.device
+        totals = torch.stack([self.sums[k].to(dev) for k in names]
+                             + [torch.tensor(float(v), device=dev) for v in self.host.values()]
+                             + [torch.tensor(float(self.count), device=dev)])
+        bad = torch.stack([self.first_bad[k].to(dev) for k in names]) if names else torch.zeros(0, device=dev)
+        dist.all_reduce_sum(totals)
+        dist.all_reduce_max(bad)
+        flat = totals.tolist()
+        out = MetricSums()
+        out.sums = {k: totals[i].to(self.sums[k].device) for i, k in enumerate(names)}
+        out.first_bad = {k: bad[i].to(self.first_bad[k].device) for i, k in enumerate(names)}
+        out.host = {k: flat[len(names) + i] for i, k in enumerate(hosts)}
+        out.count = int(flat[-1])
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": dict(self.sums), "first_bad": dict(self.first_bad), "host": dict(self.host), "count": self.count}
@@ -158,24 +187,37 @@ def run_plan(
     resume: bool = False,
     config: LoopConfig | None = None,
     summary_keys: list[str] | None = None,
+    dist: Dist | None = None,
 ) -> PlanResult:
     """Run every epoch of the method's plan (from the saved position with ``resume``).
 
     Per-epoch records go to metrics.jsonl; they hold figures only, no timings, so two runs
-    of a deterministic recipe write identical files.
+    of a deterministic recipe write identical files. Under torchrun (``dist``) every rank
+    runs the loop and takes part in every collective; epoch means are over all ranks, and
+    rank 0 alone writes the train state (the saved sums are the global ones, so on resume
+    the other ranks start from zero).
     """
     config = config or LoopConfig()
     plan = method.plan()
     records: list[dict[str, Any]] = []
     start_epoch, start_step, prior = 0, 0, 0.0
-    sums = MetricSums()
+    world = dist.world_size if dist is not None else 1
+    is_main = dist is None or dist.is_main
+    sums = MetricSums(dist)
     if resume:
         state = load_train_state(folder.state_path)
         method.load_state_dict(state["method"])
         set_rng_state(state["rng"])
         records, prior = state["records"], state["elapsed"]
         start_epoch, start_step = state["position"]["epoch_index"], state["position"]["step"]
-        sums.load_state_dict(state["sums"], device)
+        saved_world = int(state["position"].get("world_size", 1))
+        if start_step > 0 and saved_world != world:
+            raise RunError(
+                f"{folder.path}: stopped mid-epoch with {saved_world} processes; this run has {world}",
+                hint=f"resume with {saved_world} processes (the data order of an epoch depends on it)",
+            )
+        if is_main:
+            sums.load_state_dict(state["sums"], device)
         folder.truncate_metrics(len(records))
         if start_epoch < len(plan):
             progress.line(f"resuming at epoch {start_epoch + 1}/{len(plan)}, step {start_step}")
@@ -184,8 +226,14 @@ def run_plan(
     began = time.perf_counter()
 
     def save(pos: int, step: int) -> None:
-        elapsed = prior + time.perf_counter() - began
-        save_train_state(folder.state_path, _state(method, pos, step, sums, records, elapsed))
+        total = sums.reduced() if sums.dist is not None else sums  # a collective under torchrun
+        if is_main:
+            elapsed = prior + time.perf_counter() - began
+            state = _state(method, pos, step, total, records, elapsed)
+            state["position"]["world_size"] = world
+            save_train_state(folder.state_path, state)
+        if dist is not None:
+            dist.barrier()
 
     total_steps = 0
     with StopRequest().installed() as stop:
@@ -202,7 +250,9 @@ def run_plan(
                     step += 1
                     total_steps += 1
                     progress.advance()
-                    halt = bool(stop) or (config.stop_after_steps is not None and total_steps >= config.stop_after_steps)
+                    halt = _agreed_stop(stop, dist, total_steps) or (
+                        config.stop_after_steps is not None and total_steps >= config.stop_after_steps
+                    )
                     periodic = config.save_every_steps > 0 and step % config.save_every_steps == 0
                     if step < len(loader) and (halt or periodic):
                         _check_finite(sums, ep)
@@ -211,16 +261,26 @@ def run_plan(
                             raise _interrupted(stop.signum, folder)
             finally:
                 progress.stop()
+            if dist is not None:
+                dist.sync_buffers()  # every rank validates rank 0's model
             record = _close_epoch(method, ep, sums)
             records.append(record)
             folder.log(record)
             line = format_record(record, summary_keys or list(record))
             progress.line(f"{line} ({time.perf_counter() - tick:.1f}s)")
-            sums, start_step = MetricSums(), 0
+            sums, start_step = MetricSums(dist), 0
             save(ep.index + 1, 0)
-            if stop and ep.index + 1 < len(plan):
+            if _agreed_stop(stop, dist, 0) and ep.index + 1 < len(plan):
                 raise _interrupted(stop.signum, folder)
     return PlanResult(records, prior + time.perf_counter() - began)
+
+
+def _agreed_stop(stop: StopRequest, dist: Dist | None, steps: int) -> bool:
+    """Alone: the stop flag. Under torchrun: whether any rank was asked to stop, checked by
+    every rank at the same steps (every ``STOP_CHECK_STEPS``), so all stop together."""
+    if dist is None or not dist.enabled:
+        return bool(stop)
+    return steps % STOP_CHECK_STEPS == 0 and dist.any(bool(stop))
 
 
 def _label(ep: EpochPlan) -> str:

@@ -18,6 +18,7 @@ class RunFolder:
     def __init__(self, path: str | Path, artifacts: tuple[str, ...]) -> None:
         self.path = Path(path)
         self.artifacts = ("recipe.yaml", "metrics.jsonl", "summary.json", STATE_FILE, *artifacts)
+        self.writer = True  # False on torchrun ranks other than 0: they read, never write or lock
 
     @property
     def metrics_path(self) -> Path:
@@ -67,6 +68,8 @@ class RunFolder:
         import fcntl
         import os
 
+        if not self.writer:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         fh = open(self.path / ".lock", "a+")  # noqa: SIM115 (held open on purpose)
         try:
@@ -85,6 +88,8 @@ class RunFolder:
     def start(self, recipe_yaml: str, force: bool, resume: bool) -> None:
         """Lock and create the folder (after ``check``); with ``force`` remove the old run's files only."""
         self.lock()
+        if not self.writer:
+            return
         if force:
             for name in self.existing():
                 (self.path / name).unlink()
@@ -93,19 +98,24 @@ class RunFolder:
         atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
 
     def log(self, record: dict[str, Any]) -> None:
-        append_jsonl(self.metrics_path, record)
+        if self.writer:
+            append_jsonl(self.metrics_path, record)
 
     def truncate_metrics(self, n_records: int) -> None:
         """On resume, keep the records the train state knows of (a crash may have written more)."""
+        if not self.writer:
+            return
         lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in lines[:n_records]))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_json(self.path / "summary.json", summary)
+        if self.writer:
+            atomic_write_json(self.path / "summary.json", summary)
 
     def finish(self) -> None:
         """A finished run needs no train state."""
-        self.state_path.unlink(missing_ok=True)
+        if self.writer:
+            self.state_path.unlink(missing_ok=True)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
