@@ -192,6 +192,8 @@ class DistillTraining:
         weakest = min(self.teacher_val) if self.teacher_val else 0.0
         judged = self.spec.synergy_gate and self.synergy_val is not None
         d.gate_open = not judged or self.synergy_val >= weakest
+        # one entry per stage; a resume that repeats a stage's first epoch overwrites it
+        del self.gate_log[ep.stage:]
         self.gate_log.append(d.gate_open)
         if not d.gate_open:
             self.progress.line(
