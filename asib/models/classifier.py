@@ -255,9 +255,9 @@ class TimmClassifier(FeatureClassifier):
     def __init__(
         self, inner: nn.Module, arch: str, num_classes: int, small_input: bool, drop_rate: float = 0.0
     ):
-        cfg = dict(getattr(inner, "pretrained_cfg", None) or {})
-        super().__init__(arch, num_classes, small_input, _timm_model_cfg(cfg, small_input))
-        adapted = _adapt_timm_small_input(inner, arch, cfg) if small_input else []
+        timm_cfg = dict(getattr(inner, "pretrained_cfg", None) or {})  # timm's own per-model data
+        super().__init__(arch, num_classes, small_input, _timm_model_cfg(timm_cfg, small_input))
+        adapted = _adapt_timm_small_input(inner, arch, timm_cfg) if small_input else []
         classifier = inner.get_classifier()
         if isinstance(classifier, tuple | list):
             raise ModelError(
@@ -285,11 +285,11 @@ class TimmClassifier(FeatureClassifier):
         return _finish_blocks(blocks)
 
 
-def _timm_model_cfg(cfg: dict[str, Any], small_input: bool) -> ModelCfg:
+def _timm_model_cfg(timm_cfg: dict[str, Any], small_input: bool) -> ModelCfg:
     """mean/std/input size from timm's pretrained cfg (ImageNet defaults when absent)."""
-    mean = tuple(float(v) for v in cfg.get("mean") or IMAGENET_MEAN)
-    std = tuple(float(v) for v in cfg.get("std") or IMAGENET_STD)
-    c, h, w = (3, 32, 32) if small_input else tuple(int(v) for v in cfg.get("input_size") or (3, 224, 224))
+    mean = tuple(float(v) for v in timm_cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(float(v) for v in timm_cfg.get("std") or IMAGENET_STD)
+    c, h, w = (3, 32, 32) if small_input else tuple(int(v) for v in timm_cfg.get("input_size") or (3, 224, 224))
     return ModelCfg("timm", mean, std, (c, h, w))
 
 
@@ -337,7 +337,7 @@ def _cover(root: nn.Module, group: set[int]) -> _Block:
     return _Block(label, [root.get_submodule(n) for n in chosen], [p for _, p in loose])
 
 
-def _adapt_timm_small_input(inner: nn.Module, arch: str, cfg: dict[str, Any]) -> list[str]:
+def _adapt_timm_small_input(inner: nn.Module, arch: str, timm_cfg: dict[str, Any]) -> list[str]:
     """3x3 stride-1 first conv and no max-pool (ResNet family); 3x3 stride-1 stem conv
     instead of the 4x4/4 patchify (ConvNeXt, so stage 1 runs at 32x32). Returns the
     replaced parameter names."""
@@ -345,10 +345,10 @@ def _adapt_timm_small_input(inner: nn.Module, arch: str, cfg: dict[str, Any]) ->
     from timm.models.resnet import ResNet
 
     if isinstance(inner, ResNet):
-        path, init = str(cfg.get("first_conv") or "conv1"), "kaiming"
+        path, init = str(timm_cfg.get("first_conv") or "conv1"), "kaiming"
         inner.maxpool = nn.Identity()
     elif isinstance(inner, ConvNeXt):
-        path, init = str(cfg.get("first_conv") or "stem.0"), "trunc_normal"
+        path, init = str(timm_cfg.get("first_conv") or "stem.0"), "trunc_normal"
     else:
         raise small_input_error(arch, f"timm {type(inner).__name__}")
     old = inner.get_submodule(path)
