@@ -245,6 +245,20 @@ def prepare_data(
     _check_target(out_dir, force)
     say(f"reading {spec.source}")
     raw = load_source(spec)
+    return write_prepared(raw, spec, out_dir, name, spec.source, force, say)
+
+
+def write_prepared(
+    raw: RawData,
+    spec: DataSpec,
+    out_dir: Path,
+    name: str,
+    source: str,
+    force: bool,
+    say: Callable[[str], None],
+) -> DatasetInfo:
+    """The writing half of ``prepare_data``: carve the splits, compute mean/std on train,
+    write every file into a temporary folder and move it into place."""
     tensors = _carve_splits(raw, spec, say)
     say("computing mean and std on train")
     mean, std = channel_stats(tensors["train"][0])
@@ -257,7 +271,7 @@ def prepare_data(
             sha[split] = _write_split(tmp, split, images, labels)
         height, width = tensors["train"][0].shape[-2:]
         info = DatasetInfo(
-            source=spec.source,
+            source=source,
             name=name,
             classes=raw.classes,
             num_classes=len(raw.classes),

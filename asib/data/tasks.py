@@ -9,8 +9,6 @@ cuts a prepared dataset into tasks over disjoint class subsets (split CIFAR-100:
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,17 +17,7 @@ import numpy as np
 import torch
 
 from asib.data.loader import InMemoryLoader
-from asib.data.prepared import (
-    INFO_FILE,
-    DatasetInfo,
-    _carve_splits,
-    _check_target,
-    _replace_dir,
-    _write_split,
-    channel_stats,
-    load_info,
-    load_split,
-)
+from asib.data.prepared import DatasetInfo, _check_target, load_info, load_split, write_prepared
 from asib.data.sources import RawData, _raw, stratified_split
 from asib.errors import DataError
 from asib.recipe import AugmentSpec, DataSpec, spec_from
@@ -193,35 +181,7 @@ def _write_prepared(
     spec = DataSpec.model_construct(
         source=name, val_fraction=val_fraction, image_size=image_size, train_subset=train_subset, split_seed=split_seed
     )
-    tensors = _carve_splits(raw, spec, say)
-    mean, std = channel_stats(tensors["train"][0])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        sha = {split: _write_split(tmp, split, images, labels) for split, (images, labels) in tensors.items()}
-        height, width = tensors["train"][0].shape[-2:]
-        info = DatasetInfo(
-            source=f"dataset:{name}",
-            name=out_dir.name,
-            classes=raw.classes,
-            num_classes=len(raw.classes),
-            image_size=(int(height), int(width)),
-            mean=tuple(mean),
-            std=tuple(std),
-            split_seed=split_seed,
-            val_fraction=val_fraction,
-            train_subset=train_subset,
-            counts={split: len(labels) for split, (_, labels) in tensors.items()},
-            sha256=sha,
-        )
-        (tmp / INFO_FILE).write_text(info.to_json())
-        _check_target(out_dir, force)
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    say(f"prepared {out_dir}")
-    return info
+    return write_prepared(raw, spec, out_dir, out_dir.name, f"dataset:{name}", force, say)
 
 
 # ---------------------------------------------------------------- continual-learning tasks
