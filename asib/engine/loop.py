@@ -255,7 +255,7 @@ def run_plan(
                     )
                     periodic = config.save_every_steps > 0 and step % config.save_every_steps == 0
                     if step < len(loader) and (halt or periodic):
-                        _check_finite(sums, ep)
+                        check_finite(sums, ep)
                         save(ep.index, step)
                         if halt:
                             raise _interrupted(stop.signum, folder)
@@ -287,7 +287,7 @@ def _label(ep: EpochPlan) -> str:
     return {"train": "epoch", "A": f"stage {ep.stage + 1} A-step", "B": f"stage {ep.stage + 1} B-step"}[ep.phase]
 
 
-def _check_finite(sums: MetricSums, ep: EpochPlan) -> None:
+def check_finite(sums: MetricSums, ep: EpochPlan) -> None:
     means, bad = sums.read()
     for name, step in bad.items():
         raise RunError(
@@ -300,7 +300,7 @@ def _check_finite(sums: MetricSums, ep: EpochPlan) -> None:
 
 
 def _close_epoch(method: Method, ep: EpochPlan, sums: MetricSums) -> dict[str, Any]:
-    _check_finite(sums, ep)
+    check_finite(sums, ep)
     means, _ = sums.read()
     record: dict[str, Any] = {
         "epoch": ep.index + 1,

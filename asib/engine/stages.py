@@ -27,11 +27,11 @@ from asib.engine.distill import DistillTraining
 from asib.engine.distiller import ASIBDistiller
 from asib.engine.evaluate import top1_of
 from asib.engine.loaders import SplitLoaders
-from asib.engine.loop import EpochPlan, LoopConfig, MetricSums, run_plan
+from asib.engine.loop import EpochPlan, LoopConfig, MetricSums, check_finite, run_plan
 from asib.engine.progress import Progress
 from asib.engine.run import RunFolder
 from asib.engine.runtime import Runtime
-from asib.errors import DataError, RecipeError, RunError
+from asib.errors import DataError, RecipeError
 from asib.recipe import DistillSpec, spec_from
 
 
@@ -125,11 +125,8 @@ def _one_epoch(
     sums = MetricSums()
     for i, batch in enumerate(training.loader(ep).batches(ep.index)):
         sums.add(training.step(ep, batch), batch.y.shape[0], i)
-    means, bad = sums.read()
-    if bad:
-        name, step = next(iter(bad.items()))
-        raise RunError(f"loss term '{name}' is not finite at step {step} ({ep.phase}-step, epoch {ep.phase_epoch})",
-                       hint="lower the learning rate or check the data")
+    check_finite(sums, ep)  # the training loop's own guard
+    means, _ = sums.read()
     return {k: round(v, 6) for k, v in means.items()}
 
 
