@@ -558,27 +558,42 @@ def test_loader_resume_mid_epoch() -> None:
         list(ld.batches(5, start=len(ld) + 1))
 
 
-def test_crop_and_flip_change_images_keep_shape() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_crop_and_flip_change_images_keep_shape(channels_last: bool) -> None:
     images, labels = toy(16, size=6)
     pad = 2
-    crop = loader(
-        images, labels, shuffle=False, batch_size=16, augment=AugmentSpec(crop_padding=pad, hflip=False)
-    )
-    x = next(iter(crop)).x.round().to(torch.uint8)
-    assert x.shape == images.shape and not torch.equal(x, images)
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    for i in range(16):  # every output is a 6x6 window of its own zero-padded image
-        windows = [
-            padded[i, :, dy : dy + 6, dx : dx + 6] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
-        ]
-        assert any(torch.equal(x[i], w) for w in windows)
+    # every 6x6 window of every zero-padded image, as (16, 25, C, 6, 6)
+    windows = torch.stack([padded[:, :, dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)], 1)
+    for hflip in (False, True):
+        crop = loader(
+            images, labels, shuffle=False, batch_size=16, channels_last=channels_last,
+            augment=AugmentSpec(crop_padding=pad, hflip=hflip),
+        )  # fmt: skip
+        x = next(iter(crop)).x
+        assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+        x = x.round().to(torch.uint8)
+        assert x.shape == images.shape and not torch.equal(x, images)
+        # every output is a window of its own zero-padded image, mirrored or not
+        found = [any(torch.equal(x[i], w) for w in windows[i]) for i in range(16)]
+        mirrored = [any(torch.equal(x[i], w.flip(2)) for w in windows[i]) for i in range(16)]
+        assert all(f or m for f, m in zip(found, mirrored, strict=True))
+        assert any(not f for f in found) == hflip
     flip = loader(
-        images, labels, shuffle=False, batch_size=16, augment=AugmentSpec(crop_padding=0, hflip=True)
-    )
+        images, labels, shuffle=False, batch_size=16, channels_last=channels_last,
+        augment=AugmentSpec(crop_padding=0, hflip=True),
+    )  # fmt: skip
     x = next(iter(flip)).x.round().to(torch.uint8)
     flipped = [torch.equal(x[i], images[i].flip(2)) for i in range(16)]
     kept = [torch.equal(x[i], images[i]) for i in range(16)]
     assert all(f or k for f, k in zip(flipped, kept, strict=True)) and any(flipped) and any(kept)
+
+
+def test_layout_does_not_change_values() -> None:
+    images, labels = toy(40)
+    for aug in (None, AUG, AugmentSpec(crop_padding=0, hflip=False, mixup_alpha=0.5)):
+        a, b = (list(loader(images, labels, augment=aug, channels_last=cl).batches(1)) for cl in (False, True))
+        assert same(a, b)
 
 
 @pytest.mark.parametrize("mode", ["mixup", "cutmix"])

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from asib.cli import app
 from asib.data import Batch
 from asib.engine.checkpoint import load_tensors, read_info, save_model
-from asib.engine.loop import EpochPlan, LoopConfig, run_plan
+from asib.engine.loop import EpochPlan, LoopConfig, MetricSums, run_plan
 from asib.engine.progress import Progress
 from asib.engine.run import RunFolder
 from asib.errors import CheckpointError, RunError
@@ -280,6 +280,27 @@ def test_nan_guard_names_step_and_term(tmp_path: Path) -> None:
     lines = folder.metrics_path.read_text().splitlines()
     assert len(lines) == 1  # the good first epoch stays logged; the bad one is not
     assert folder.state_path.exists()  # the last good train state stays
+
+
+def test_metric_sums_terms_that_come_and_go() -> None:
+    sums = MetricSums()
+    nan, inf = float("nan"), float("inf")
+    steps = [
+        {"a": torch.tensor(1.0), "b": torch.tensor(2.0), "lr": 0.1},
+        {"b": torch.tensor(nan), "c": torch.tensor(3.0, dtype=torch.bfloat16)},  # new term, other order
+        {"a": torch.tensor(1.0), "b": torch.tensor(2.0), "c": torch.tensor(1.0)},
+        {"a": torch.tensor(inf), "b": torch.tensor(nan), "c": torch.tensor(1.0)},  # b stays first bad at 1
+    ]
+    for i, terms in enumerate(steps):
+        sums.add(terms, 2, i)
+    expect_bad = {"a": 3, "b": 1}
+    means, bad = sums.read()
+    assert bad == expect_bad and means["lr"] == pytest.approx(0.025) and means["c"] == pytest.approx(1.25)
+    again = MetricSums()
+    again.load_state_dict(sums.state_dict(), torch.device("cpu"))
+    again.add({"a": torch.tensor(0.0), "c": torch.tensor(3.0)}, 2, 4)
+    means, bad = again.read()
+    assert bad == expect_bad and means["c"] == pytest.approx(16 / 10) and sums.count + 2 == again.count
 
 
 def test_stop_after_steps_then_resume_matches(tmp_path: Path) -> None:

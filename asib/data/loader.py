@@ -100,15 +100,23 @@ class InMemoryLoader:
                 f"std must be positive, got {list(std)}", hint="the images of a channel are all alike"
             )
         self.device = torch.device(device)
-        self.images = images_uint8.to(self.device)
-        self.labels = labels.to(self.device, torch.int64)
-        # (x / 255 - mean) / std  ==  (x - 255 mean) / (255 std): one subtract, one divide.
-        self._shift = torch.tensor([255.0 * m for m in mean], device=self.device).view(1, -1, 1, 1)
-        self._scale = torch.tensor([255.0 * s for s in std], device=self.device).view(1, -1, 1, 1)
         self.batch_size, self.augment, self.shuffle = batch_size, augment, shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.channels_last = channels_last
-        n = self.images.shape[0]
+        self.labels = labels.to(self.device, torch.int64)
+        self.num_images = n = images_uint8.shape[0]
+        # (x / 255 - mean) / std  ==  x * inv + bias: one fused multiply-add per pixel.
+        inv = [1.0 / (255.0 * s) for s in std]
+        bias = [-m / s for m, s in zip(mean, std, strict=True)]
+        self._inv = torch.tensor(inv, device=self.device).view(1, -1, 1, 1)
+        self._bias = torch.tensor(bias, device=self.device).view(1, -1, 1, 1)
+        self._pad = augment.crop_padding if augment is not None else 0
+        self._hflip = augment is not None and augment.hflip
+        self.images: torch.Tensor | None = None
+        if self._pad > 0 or self._hflip:
+            self._init_window_gather(images_uint8)
+        else:
+            self.images = images_uint8.to(self.device)
         per_rank = n // world_size if drop_last else len(range(rank, n, world_size))
         self.num_samples = per_rank
         self._len = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
@@ -128,7 +136,7 @@ class InMemoryLoader:
 
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices of ``epoch``, in batch order (before dropping the last batch)."""
-        n = self.images.shape[0]
+        n = self.num_images
         if self.shuffle:
             order = torch.randperm(
                 n, generator=_torch_gen(_seed(self.seed, epoch, _ORDER), torch.device("cpu"))
@@ -146,51 +154,80 @@ class InMemoryLoader:
         order = self.indices(epoch)
         for b in range(start, self._len):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            # index_select is much faster than advanced indexing for a batch of whole images
-            images = self.images.index_select(0, idx)
-            yield self._make_batch(images, self.labels.index_select(0, idx), epoch, b)
+            yield self._make_batch(idx, self.labels.index_select(0, idx), epoch, b)
 
-    def _make_batch(self, x: torch.Tensor, y: torch.Tensor, epoch: int, index: int) -> Batch:
-        """Augment (when asked), normalise and mix one batch of uint8 images."""
+    def _init_window_gather(self, images: torch.Tensor) -> None:
+        """Keep the split zero-padded once, channels last, so that a batch's crops and flips are
+        one gather of its pixels (no per-batch pad, flip or layout change).
+
+        ``self._offsets[f]`` holds, for every output pixel in the order the batch is returned
+        (H, W, C when channels_last, else C, H, W), its offset from the window's corner in the
+        padded image, mirrored left-right when ``f == 1``.
+        """
+        p = self._pad
+        _, c, h, w = images.shape
+        padded = F.pad(images.to(self.device), (p, p, p, p)).permute(0, 2, 3, 1)
+        self._padded = padded.contiguous().view(-1)  # (N, Hp, Wp, C), flattened
+        hp, wp = h + 2 * p, w + 2 * p
+        # int32 offsets halve the index traffic; int64 only when the split needs it
+        self._index_dtype = torch.int32 if self._padded.numel() < 2**31 else torch.int64
+        rows = torch.arange(h).view(h, 1, 1) * (wp * c)
+        chans = torch.arange(c).view(1, 1, c)
+        tables = []
+        for cols in (torch.arange(w), torch.arange(w - 1, -1, -1)):
+            offset = rows + cols.view(1, w, 1) * c + chans  # (H, W, C)
+            if not self.channels_last:
+                offset = offset.permute(2, 0, 1)  # (C, H, W): the batch comes out NCHW
+            tables.append(offset.reshape(-1))
+        self._offsets = torch.stack(tables).to(self.device, self._index_dtype)
+        self._strides = (hp * wp * c, wp * c, c)  # image, row, column steps in the padded split
+        self._shape = (h, w, c) if self.channels_last else (c, h, w)
+
+    def _make_batch(self, idx: torch.Tensor, y: torch.Tensor, epoch: int, index: int) -> Batch:
+        """Gather (cropped, flipped), normalise and mix the images ``idx`` of one batch."""
         aug = self.augment
-        if aug is None:
-            xf, y2, lam = self._normalise(x), None, 1.0
-        else:
+        if self.images is not None:  # no crop or flip: whole images
+            x = self.images.index_select(0, idx)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)  # uint8: the cheap place to convert
+            xf = torch.addcmul(self._bias, x, self._inv)
+            if aug is None:
+                return Batch(xf, y)
             gen = _torch_gen(_seed(self.seed, epoch, self.rank, index, _TENSORS), self.device)
-            rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, index, _SCALARS))
-            if aug.crop_padding > 0:
-                x = random_crop(x, aug.crop_padding, gen)
-            if aug.hflip:
-                x = random_hflip(x, gen)
-            xf, y2, lam = mix(self._normalise(x), y, aug, rng, gen)
+        else:
+            assert aug is not None  # the gather path exists only for crops and flips
+            gen = _torch_gen(_seed(self.seed, epoch, self.rank, index, _TENSORS), self.device)
+            xf = self._gather_windows(idx, gen)
+        rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, index, _SCALARS))
+        xf, y2, lam = mix(xf, y, aug, rng, gen)
         if self.channels_last:
             xf = xf.contiguous(memory_format=torch.channels_last)
         return Batch(xf, y, y2, lam)
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self._shift) / self._scale
+    def _gather_windows(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Per-sample random crop (a window of the zero-padded image) and left-right flip with
+        probability 1/2, by one gather, then normalisation in one multiply-add."""
+        b, p, dev = idx.shape[0], self._pad, self.device
+        step_image, step_row, step_col = self._strides
+        corner = idx * step_image
+        if p > 0:
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=dev)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=dev)
+            corner = corner + dy * step_row + dx * step_col
+        corner = corner.to(self._index_dtype)[:, None]
+        if self._hflip:
+            flip = torch.rand(b, generator=gen, device=dev) < 0.5
+            offsets = self._offsets.index_select(0, flip.long()).add_(corner)
+        else:
+            offsets = self._offsets[0] + corner
+        x = self._padded.index_select(0, offsets.view(-1)).view(b, *self._shape)
+        if self.channels_last:  # (B, H, W, C) in memory: normalise there, return the NCHW view
+            c = self._shape[2]
+            return torch.addcmul(self._bias.view(c), x, self._inv.view(c)).permute(0, 3, 1, 2)
+        return torch.addcmul(self._bias, x, self._inv)
 
 
 # ---------------------------------------------------------------- batched augmentation
-
-
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop of the zero-padded batch, back to the input size, by one gather."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    # Advanced indices around a slice put the indexed dims first: (B, H, W, C).
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
-
-
-def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=gen, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 def mix(
@@ -205,7 +242,7 @@ def mix(
     lam = float(rng.beta(alpha, alpha))
     perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
     if mode == "mixup":
-        return x.mul(lam).add_(x[perm], alpha=1.0 - lam), y[perm], lam
+        return x.mul(lam).add_(x.index_select(0, perm), alpha=1.0 - lam), y[perm], lam
     h, w = x.shape[-2:]
     cut = math.sqrt(1.0 - lam)
     ch, cw = int(h * cut), int(w * cut)

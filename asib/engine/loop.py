@@ -59,28 +59,69 @@ class Method(Protocol):
 class MetricSums:
     """Per-term running sums: tensors stay on the device (no host sync inside the step loop),
     plain floats (schedule values) are summed on the host. With a distributed ``dist`` the
-    sums and counts of every rank are added up in ``read`` (a collective)."""
+    sums and counts of every rank are added up in ``read`` (a collective).
+
+    A step's tensor terms are stacked into one vector, so accumulating them and keeping the
+    first non-finite step of each costs a handful of kernels per step, whatever their number.
+    """
 
     def __init__(self, dist: Dist | None = None) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.first_bad: dict[str, torch.Tensor] = {}
+        self.names: list[str] = []  # tensor terms, in the order of ``_sums`` and ``_first_bad``
+        self._sums: torch.Tensor | None = None  # (T,) float32
+        self._first_bad: torch.Tensor | None = None  # (T,) int64, -1 while finite
+        self._positions: dict[tuple[str, ...], torch.Tensor | None] = {}
         self.host: dict[str, float] = {}
         self.count = 0
         self.dist = dist if dist is not None and dist.enabled else None
 
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {k: self._sums[i].clone() for i, k in enumerate(self.names)} if self._sums is not None else {}
+
+    @property
+    def first_bad(self) -> dict[str, torch.Tensor]:
+        return {k: self._first_bad[i].clone() for i, k in enumerate(self.names)} if self._first_bad is not None else {}
+
     def add(self, terms: dict[str, torch.Tensor | float], n: int, step: int) -> None:
+        names, values = [], []
         for name, value in terms.items():
-            if not isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor):
+                names.append(name)
+                values.append(value.detach().float())
+            else:
                 self.host[name] = self.host.get(name, 0.0) + float(value) * n
-                continue
-            value = value.detach().float()
-            if name not in self.sums:
-                self.sums[name] = torch.zeros((), device=value.device)
-                self.first_bad[name] = torch.full((), -1, device=value.device, dtype=torch.long)
-            self.sums[name] += value * n
-            bad = ~torch.isfinite(value) & (self.first_bad[name] < 0)
-            self.first_bad[name] = torch.where(bad, torch.full_like(self.first_bad[name], step), self.first_bad[name])
         self.count += n
+        if not values:
+            return
+        vec = torch.stack(values)
+        where = self._where(tuple(names), vec.device)
+        assert self._sums is not None and self._first_bad is not None
+        bad = ~torch.isfinite(vec)
+        if where is None:  # the usual case: the same terms as every step before
+            self._sums.add_(vec, alpha=n)
+            first = self._first_bad
+            self._first_bad = torch.where(bad & (first < 0), step, first)
+        else:
+            self._sums.index_add_(0, where, vec, alpha=n)
+            first = self._first_bad.index_select(0, where)
+            self._first_bad.index_copy_(0, where, torch.where(bad & (first < 0), step, first))
+
+    def _where(self, key: tuple[str, ...], device: torch.device) -> torch.Tensor | None:
+        """Positions of a step's terms in the sum vector (None: all of them, in order); new
+        terms get new, zeroed places."""
+        if key in self._positions:
+            return self._positions[key]
+        new = [k for k in key if k not in self.names]
+        if new or self._sums is None:
+            self.names += new
+            grow = torch.zeros(len(new), device=device)
+            self._sums = grow if self._sums is None else torch.cat([self._sums, grow])
+            never = torch.full((len(new),), -1, device=device, dtype=torch.long)
+            self._first_bad = never if self._first_bad is None else torch.cat([self._first_bad, never])
+            self._positions = {k: v for k, v in self._positions.items() if v is not None}  # no longer all
+        where = None if list(key) == self.names else torch.tensor([self.names.index(k) for k in key], device=device)
+        self._positions[key] = where
+        return where
 
     def read(self) -> tuple[dict[str, float], dict[str, int]]:
         """Means and first non-finite step per term, with one transfer."""
@@ -88,39 +129,46 @@ class MetricSums:
             return self.reduced().read()
         count = max(1, self.count)
         means = {k: v / count for k, v in self.host.items()}
-        if not self.sums:
+        if self._sums is None:
             return means, {}
-        names = list(self.sums)
-        flat = torch.stack([self.sums[k] for k in names] + [self.first_bad[k].float() for k in names]).tolist()
-        means.update({k: flat[i] / count for i, k in enumerate(names)})
-        bad = {k: int(flat[len(names) + i]) for i, k in enumerate(names) if flat[len(names) + i] >= 0}
+        t = len(self.names)
+        flat = torch.cat([self._sums, self._first_bad.float()]).tolist()
+        means.update({k: flat[i] / count for i, k in enumerate(self.names)})
+        bad = {k: int(flat[t + i]) for i, k in enumerate(self.names) if flat[t + i] >= 0}
         return means, bad
 
     def reduced(self) -> MetricSums:
         """The sums of every rank added up (every rank gets them): two all-reduces, one transfer."""
-        dist, names, hosts = self.dist, list(self.sums), list(self.host)
+        dist, hosts = self.dist, list(self.host)
         assert dist is not None
         dev = dist.device
-        totals = torch.stack([self.sums[k].to(dev) for k in names]
-                             + [torch.tensor(float(v), device=dev) for v in self.host.values()]
-                             + [torch.tensor(float(self.count), device=dev)])
-        bad = torch.stack([self.first_bad[k].to(dev) for k in names]) if names else torch.zeros(0, device=dev)
+        t = len(self.names)
+        parts = [self._sums.to(dev)] if self._sums is not None else []
+        totals = torch.cat(parts + [torch.tensor([*self.host.values(), float(self.count)], device=dev)])
+        bad = self._first_bad.to(dev) if self._first_bad is not None else torch.zeros(0, device=dev)
         dist.all_reduce_sum(totals)
         dist.all_reduce_max(bad)
         flat = totals.tolist()
         out = MetricSums()
-        out.sums = {k: totals[i].to(self.sums[k].device) for i, k in enumerate(names)}
-        out.first_bad = {k: bad[i].to(self.first_bad[k].device) for i, k in enumerate(names)}
-        out.host = {k: flat[len(names) + i] for i, k in enumerate(hosts)}
+        if self._sums is not None:
+            out.names = list(self.names)
+            out._sums = totals[:t].to(self._sums.device)
+            out._first_bad = bad.to(self._sums.device)
+        out.host = {k: flat[t + i] for i, k in enumerate(hosts)}
         out.count = int(flat[-1])
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "first_bad": dict(self.first_bad), "host": dict(self.host), "count": self.count}
+        return {"sums": self.sums, "first_bad": self.first_bad, "host": dict(self.host), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
-        self.first_bad = {k: v.to(device) for k, v in state["first_bad"].items()}
+        self.names = list(state["sums"])
+        self._positions = {}
+        if self.names:
+            self._sums = torch.stack([state["sums"][k].float() for k in self.names]).to(device)
+            self._first_bad = torch.stack([state["first_bad"][k].long() for k in self.names]).to(device)
+        else:
+            self._sums = self._first_bad = None
         self.host = dict(state["host"])
         self.count = state["count"]
 
