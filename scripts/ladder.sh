@@ -5,7 +5,9 @@
 #   3. rungs L0-L4 with seeds 0, 1, 2, at the chosen learning rate and tau,
 #   4. the summary table (mean and spread over seeds) from every run's summary.json.
 #   5. single-seed ablations around L3 (ablate; REVERSE=1 walks the list backwards).
-# Usage: scripts/ladder.sh [data|tune-lr|tune-tau|ladder|ablate|table] (default: all, in order).
+#   6. the rungs that matter (LONG_RUNGS, default "L0 L1 L3") at twice the schedule, 8 student
+#      epochs per stage, with SEEDS (long), into runs/ladder/long/.
+# Usage: scripts/ladder.sh [data|tune-lr|tune-tau|ladder|ablate|long|table] (default: all but long, in order).
 # LR and TAU set the chosen values for the ladder and ablations; SEEDS the ladder's seeds
 # (default "0 1 2") and RUNGS its rungs (default "L0 L1 L2 L3 L4"). Runs already finished
 # are kept, so two shells may split the work.
@@ -71,21 +73,34 @@ step_ablate() {  # single-seed ablations around L3 (ASIB with the IB, nothing el
   done
 }
 
+step_long() {  # twice the schedule: 16 student epochs in 2 stages
+  for seed in ${SEEDS:-0 1 2}; do
+    for rung in ${LONG_RUNGS:-L0 L1 L3}; do
+      run "runs/ladder/long/${rung}_s$seed" "recipes/ladder/$rung.yaml" --set "seed=$seed" \
+        --set "distill.student_optim.lr=$LR" --set "distill.tau=$TAU" --set distill.student_epochs=8
+    done
+  done
+}
+
 step_table() {
   python - <<'PY'
 import json, pathlib, statistics
-rows = {}
-for p in sorted(pathlib.Path("runs/ladder").glob("L?_s*/summary.json")):
-    rows.setdefault(p.parent.name.split("_")[0], []).append(json.loads(p.read_text()))
-print("| rung | student test top-1 (mean ± sd) | seeds | synergy test top-1 | student val top-1 |")
-print("|---|---|---|---|---|")
-for rung, runs in sorted(rows.items()):
-    acc = [r["student_test_top1"] for r in runs]
-    syn = [r["synergy_test_top1"] for r in runs if r["synergy_test_top1"] is not None]
-    val = [r["student_val_top1"] for r in runs]
-    sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-    syn_s = f"{statistics.mean(syn):.2f}" if syn else "-"
-    print(f"| {rung} | {statistics.mean(acc):.2f} ± {sd:.2f} | {len(acc)} | {syn_s} | {statistics.mean(val):.2f} |")
+for folder, schedule in (("runs/ladder", "8 student epochs"), ("runs/ladder/long", "16 student epochs")):
+    rows = {}
+    for p in sorted(pathlib.Path(folder).glob("L*_s*/summary.json")):
+        rows.setdefault(p.parent.name.rsplit("_s", 1)[0], []).append(json.loads(p.read_text()))
+    if not rows:
+        continue
+    print(f"\n{folder} ({schedule})\n")
+    print("| rung | student test top-1 (mean ± sd) | seeds | synergy test top-1 | student val top-1 |")
+    print("|---|---|---|---|---|")
+    for rung, runs in sorted(rows.items()):
+        acc = [r["student_test_top1"] for r in runs]
+        syn = [r["synergy_test_top1"] for r in runs if r["synergy_test_top1"] is not None]
+        val = [r["student_val_top1"] for r in runs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        syn_s = f"{statistics.mean(syn):.2f}" if syn else "-"
+        print(f"| {rung} | {statistics.mean(acc):.2f} ± {sd:.2f} | {len(acc)} | {syn_s} | {statistics.mean(val):.2f} |")
 PY
 }
 
@@ -95,7 +110,8 @@ case "${1:-all}" in
   tune-tau) step_tune_tau ;;
   ladder) step_ladder ;;
   ablate) step_ablate ;;
+  long) step_long ;;
   table) step_table ;;
   all) step_data; step_tune_lr; step_tune_tau; step_ladder; step_ablate; step_table ;;
-  *) echo "usage: $0 [data|tune-lr|tune-tau|ladder|ablate|table]" >&2; exit 2 ;;
+  *) echo "usage: $0 [data|tune-lr|tune-tau|ladder|ablate|long|table]" >&2; exit 2 ;;
 esac

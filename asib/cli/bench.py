@@ -14,10 +14,10 @@ from asib.cli._common import QuietOpt, RecipeArg, SetOpt, err_console, handle_er
 def bench(
     recipe: RecipeArg,
     steps: Annotated[
-        int | None, typer.Option(min=1, help="steps per timed block (default 2 on CPU, 10 on CUDA)")
+        int | None, typer.Option(min=1, help="steps per timed block (default 4 on CPU, 10 on CUDA)")
     ] = None,
     warmup: Annotated[int, typer.Option(min=0, help="warm-up steps per variant (compilation happens here)")] = 2,
-    repeats: Annotated[int, typer.Option(min=1, help="interleaved engine/bare blocks; figures are medians")] = 11,
+    repeats: Annotated[int, typer.Option(min=1, help="interleaved engine/bare blocks; figures are medians")] = 15,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: the recipe's device)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
     synthetic: Annotated[

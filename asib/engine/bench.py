@@ -64,9 +64,9 @@ Step = Callable[[Batch], Any]
 class BenchConfig:
     """How much to run: steps per timed block, warm-up steps, interleaved repeats."""
 
-    steps: int | None = None  # per timed block; default 2 on CPU, 10 on CUDA (keeps the GPU queue full)
+    steps: int | None = None  # per timed block; default 4 on CPU, 10 on CUDA (keeps the GPU queue full)
     warmup: int = 2
-    repeats: int = 11
+    repeats: int = 15
     device: str | None = None  # overrides the recipe's device
     synthetic: int | None = None  # this many random images instead of the prepared data
     classes: int | None = None  # class count of synthetic data without a prepared dataset
@@ -854,7 +854,7 @@ def _run_bench(recipe: Recipe, cfg: BenchConfig, say: Callable[[str], None]) -> 
     setting = build_setting(recipe, cfg)
     runtime = setting.runtime
     if cfg.steps is None:
-        cfg = dataclasses.replace(cfg, steps=10 if runtime.device.type == "cuda" else 2)
+        cfg = dataclasses.replace(cfg, steps=10 if runtime.device.type == "cuda" else 4)
     meter = MemoryMeter(runtime.device)
     say("measuring the data pipelines")
     data_t = compare_data(setting, cfg, meter)
