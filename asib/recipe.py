@@ -217,6 +217,11 @@ class Recipe(Spec):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = Field(False, description="bit-for-bit repeatable on CPU (slower on CUDA)")
     compile: bool = Field(False, description="torch.compile the trained model (pays a compile time once)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA; fp32 training on CPU, teachers in bf16 where the CPU has"
+        " bf16 matrix units. fp32: no autocast, no TF32. bf16: bf16 autocast everywhere",
+    )
     sync_bn: bool = Field(False, description="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
     data: DataSpec = DataSpec()
     teachers: list[TeacherSpec] = Field(default_factory=list)

@@ -52,11 +52,12 @@ def test_bench_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixtur
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
     args = ["bench", str(recipe), "--synthetic", "32", "--steps", "2", "--warmup", "1", "--repeats", "2",
-            "--threads", "1", "--json", "--quiet", "--max-overhead", "0.01"]
+            "--threads", "1", "--json", "--quiet", "--max-overhead", "0.01", "--output", str(tmp_path / "b.json")]
     r = runner.invoke(app, args)
     assert r.exit_code == 1, r.output  # no engine step is 100x faster than bare PyTorch
     assert "engine/bare ratio above 0.01" in r.stderr
     figures = json.loads(r.stdout)
+    assert json.loads((tmp_path / "b.json").read_text()) == figures  # --output: the same figures, kept
 
     setting = figures["setting"]
     assert setting["data"].startswith("synthetic: 32 random images 8x8, 10 classes")

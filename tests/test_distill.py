@@ -15,6 +15,7 @@ from asib.engine.loop import EpochPlan
 from asib.engine.losses import cross_entropy, dkd_loss, kd_loss_fn
 from asib.engine.progress import Progress
 from asib.engine.runtime import make_runtime
+from asib.errors import RunError
 from asib.models import create_model
 from asib.models.ib_mbm import build_ib_mbm_from_teachers
 from asib.recipe import DistillSpec
@@ -47,13 +48,13 @@ def make_loaders(n: int = 32) -> SplitLoaders:
     return SplitLoaders(info=None, train=loader(True), val=loader(False), test=loader(False))  # type: ignore[arg-type]
 
 
-def make_training(spec: DistillSpec, archs: tuple[str, ...] = ("resnet8", "vgg8")) -> DistillTraining:
+def make_training(spec: DistillSpec, archs: tuple[str, ...] = ("resnet8", "vgg8"), precision: str = "auto") -> DistillTraining:
     teachers, student = make_models(archs)
     ib_mbm, head = (None, None)
     if spec.method == "asib":
         ib_mbm, head = build_ib_mbm_from_teachers(teachers, student, spec)
     distiller = ASIBDistiller(teachers, student, ib_mbm, head, spec)
-    return DistillTraining(distiller, spec, make_loaders(), make_runtime("cpu"), [50.0, 60.0],
+    return DistillTraining(distiller, spec, make_loaders(), make_runtime("cpu", precision=precision), [50.0, 60.0],
                            save_best=lambda epoch: None, progress=Progress(enabled=False))
 
 
@@ -282,3 +283,20 @@ def test_state_dict_round_trip() -> None:
     other.load_state_dict(state)
     assert same(snapshot(other.d.ib_mbm), snapshot(training.d.ib_mbm))
     assert same(snapshot(other.d.student), snapshot(training.d.student))
+
+
+def test_precision_knob_on_cpu() -> None:
+    fp32, bf16 = make_runtime("cpu", precision="fp32"), make_runtime("cpu", precision="bf16")
+    assert fp32.amp_dtype is None and fp32.inference_dtype is None
+    assert bf16.amp_dtype == bf16.inference_dtype == torch.bfloat16
+    with pytest.raises(RunError, match="precision must be"):
+        make_runtime("cpu", precision="fp8")
+    training = make_training(make_spec(), precision="bf16")  # bf16 autocast in both steps
+    d = training.d
+    for phase, module in (("A", d.synergy_head), ("B", d.student)):
+        before = snapshot(module)
+        terms = one_step(training, first(training, phase))
+        assert all(torch.isfinite(v).all() for v in terms.values() if isinstance(v, torch.Tensor))
+        after = snapshot(module)
+        assert not same(after, before)
+        assert all(v.dtype == before[k].dtype for k, v in after.items())  # weights stay fp32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -20,6 +21,9 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, help="interleaved engine/bare blocks; figures are medians")] = 15,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: the recipe's device)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="also write the figures as JSON to FILE")
+    ] = None,
     synthetic: Annotated[
         int | None, typer.Option(min=1, help="use N random images of the recipe's shape instead of the prepared data")
     ] = None,
@@ -49,6 +53,10 @@ def bench(
     err = err_console()
     report = run_bench(r, cfg, say=None if quiet else lambda msg: err.print(f"[dim]{msg}[/dim]"))
     figures = report.to_dict()
+    if output is not None:
+        from asib.engine.io import atomic_write_json
+
+        atomic_write_json(output, figures)
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
     else:

@@ -247,7 +247,7 @@ class Setting:
 def build_setting(recipe: Recipe, cfg: BenchConfig) -> Setting:
     """Runtime, images (prepared or synthetic) and models: teachers from their checkpoints when
     these exist and fit, else freshly built from their arch (no download)."""
-    runtime = make_runtime(cfg.device or recipe.device, recipe.deterministic, recipe.compile)
+    runtime = make_runtime(cfg.device or recipe.device, recipe.deterministic, recipe.compile, recipe.precision)
     set_random_seed(recipe.seed)
     info = load_info(recipe.data_dir) if (recipe.data_dir / "dataset.json").is_file() or cfg.synthetic is None else None
     if cfg.synthetic is None:

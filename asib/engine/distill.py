@@ -388,7 +388,7 @@ def distill(
     folder.writer, progress = dist.is_main, progress if dist.is_main else Progress(enabled=False)
     batch_size = dist.per_rank_batch(spec.batch_size, "distill.batch_size")
     set_random_seed(recipe.seed, recipe.deterministic)
-    runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile)
+    runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile, recipe.precision)
     teachers, teacher_paths = ([], []) if spec.method == "ce" else load_teachers(recipe, info.num_classes, runtime.device)
     student = runtime.to_device(model_from_spec(recipe.student, info.num_classes))
     ib_mbm = head = None

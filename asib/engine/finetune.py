@@ -144,7 +144,7 @@ def finetune_teacher(
     dist = init_distributed(recipe.device)  # under torchrun: rank 0 alone prints and writes
     folder.writer, progress = dist.is_main, progress if dist.is_main else Progress(enabled=False)
     set_random_seed(recipe.seed, recipe.deterministic)
-    runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile)
+    runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile, recipe.precision)
     spec = teacher.train
     model = runtime.to_device(convert_sync_bn(model_from_spec(teacher, info.num_classes), dist, recipe.sync_bn))
     where = f"teachers[{recipe.teachers.index(teacher)}].train.batch_size"

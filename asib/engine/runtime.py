@@ -111,19 +111,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_runtime(device: str, deterministic: bool = False, compile: bool = False) -> Runtime:
-    """CUDA: bf16 autocast, channels_last, TF32 and cudnn.benchmark. CPU: fp32 training, with
-    channels_last and bf16 teacher forwards where oneDNN makes them faster (measured with
-    ``asib bench``); ``deterministic`` keeps the plain fp32 NCHW path everywhere on CPU."""
+def make_runtime(device: str, deterministic: bool = False, compile: bool = False, precision: str = "auto") -> Runtime:
+    """The device and precision a run computes with.
+
+    ``precision: auto``: on CUDA bf16 autocast (fp16 where bf16 is missing), channels_last,
+    TF32 and cudnn.benchmark; on CPU fp32 training, with channels_last and bf16 teacher
+    forwards where oneDNN makes them faster (measured with ``asib bench``). ``fp32``: no
+    autocast anywhere, teachers included, and no TF32. ``bf16``: bf16 autocast for training
+    and teachers, on CPU too. ``deterministic`` turns off cuDNN autotuning and TF32 on CUDA
+    and keeps the NCHW layout on CPU.
+    """
     dev = resolve_device(device)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise RunError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = not deterministic
-        torch.backends.cudnn.allow_tf32 = not deterministic
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if precision == "bf16" and not bf16_ok:
+            raise RunError(f"precision: bf16, but {torch.cuda.get_device_name(dev)} has no bf16 support",
+                           hint="use precision: auto (fp16 autocast there) or fp32")
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic and precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = not deterministic and precision != "fp32"
         torch.backends.cudnn.benchmark = not deterministic
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp = None if precision == "fp32" else (torch.bfloat16 if bf16_ok else torch.float16)
         return Runtime(dev, amp, channels_last=True, compile=compile, inference_dtype=amp)
     onednn = dev.type == "cpu" and not deterministic and torch.backends.mkldnn.is_available()
-    teacher_dtype = torch.bfloat16 if onednn and cpu_has_bf16_matrix_units() else None
+    if precision == "bf16":
+        return Runtime(dev, torch.bfloat16, channels_last=onednn, compile=compile, inference_dtype=torch.bfloat16)
+    teacher_dtype = torch.bfloat16 if precision == "auto" and onednn and cpu_has_bf16_matrix_units() else None
     return Runtime(dev, None, channels_last=onednn, compile=compile, inference_dtype=teacher_dtype)
 
 
