@@ -6,7 +6,8 @@
 #   4. the summary table (mean and spread over seeds) from every run's summary.json.
 #   5. single-seed ablations around L3 (ablate; REVERSE=1 walks the list backwards).
 #   6. the rungs that matter (LONG_RUNGS, default "L0 L1 L3") at twice the schedule, 8 student
-#      epochs per stage, with SEEDS (long), into runs/ladder/long/.
+#      epochs per stage, with SEEDS (long), into runs/ladder/long/<rung><LONG_TAG>_s<seed>
+#      (LONG_TAG=_tau4 TAU=4 for a variant).
 # Usage: scripts/ladder.sh [data|tune-lr|tune-tau|ladder|ablate|long|table] (default: all but long, in order).
 # LR and TAU set the chosen values for the ladder and ablations; SEEDS the ladder's seeds
 # (default "0 1 2") and RUNGS its rungs (default "L0 L1 L2 L3 L4"). Runs already finished
@@ -73,10 +74,10 @@ step_ablate() {  # single-seed ablations around L3 (ASIB with the IB, nothing el
   done
 }
 
-step_long() {  # twice the schedule: 16 student epochs in 2 stages
+step_long() {  # twice the schedule: 16 student epochs in 2 stages; LONG_TAG names a variant (e.g. _tau4)
   for seed in ${SEEDS:-0 1 2}; do
     for rung in ${LONG_RUNGS:-L0 L1 L3}; do
-      run "runs/ladder/long/${rung}_s$seed" "recipes/ladder/$rung.yaml" --set "seed=$seed" \
+      run "runs/ladder/long/${rung}${LONG_TAG:-}_s$seed" "recipes/ladder/$rung.yaml" --set "seed=$seed" \
         --set "distill.student_optim.lr=$LR" --set "distill.tau=$TAU" --set distill.student_epochs=8
     done
   done

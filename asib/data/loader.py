@@ -186,18 +186,17 @@ class InMemoryLoader:
     def _make_batch(self, idx: torch.Tensor, y: torch.Tensor, epoch: int, index: int) -> Batch:
         """Gather (cropped, flipped), normalise and mix the images ``idx`` of one batch."""
         aug = self.augment
-        if self.images is not None:  # no crop or flip: whole images
+        gen = None if aug is None else _torch_gen(_seed(self.seed, epoch, self.rank, index, _TENSORS), self.device)
+        if self.images is None:  # crops or flips: one gather from the padded split
+            assert gen is not None
+            xf = self._gather_windows(idx, gen)
+        else:
             x = self.images.index_select(0, idx)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)  # uint8: the cheap place to convert
             xf = torch.addcmul(self._bias, x, self._inv)
-            if aug is None:
-                return Batch(xf, y)
-            gen = _torch_gen(_seed(self.seed, epoch, self.rank, index, _TENSORS), self.device)
-        else:
-            assert aug is not None  # the gather path exists only for crops and flips
-            gen = _torch_gen(_seed(self.seed, epoch, self.rank, index, _TENSORS), self.device)
-            xf = self._gather_windows(idx, gen)
+        if aug is None or gen is None:
+            return Batch(xf, y)
         rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, index, _SCALARS))
         xf, y2, lam = mix(xf, y, aug, rng, gen)
         if self.channels_last:
