@@ -74,14 +74,6 @@ class MetricSums:
         self.count = 0
         self.dist = dist if dist is not None and dist.enabled else None
 
-    @property
-    def sums(self) -> dict[str, torch.Tensor]:
-        return {k: self._sums[i].clone() for i, k in enumerate(self.names)} if self._sums is not None else {}
-
-    @property
-    def first_bad(self) -> dict[str, torch.Tensor]:
-        return {k: self._first_bad[i].clone() for i, k in enumerate(self.names)} if self._first_bad is not None else {}
-
     def add(self, terms: dict[str, torch.Tensor | float], n: int, step: int) -> None:
         names, values = [], []
         for name, value in terms.items():
@@ -118,7 +110,7 @@ class MetricSums:
             self._sums = grow if self._sums is None else torch.cat([self._sums, grow])
             never = torch.full((len(new),), -1, device=device, dtype=torch.long)
             self._first_bad = never if self._first_bad is None else torch.cat([self._first_bad, never])
-            self._positions = {k: v for k, v in self._positions.items() if v is not None}  # no longer all
+            self._positions.clear()  # an earlier "all of them, in order" no longer holds
         where = None if list(key) == self.names else torch.tensor([self.names.index(k) for k in key], device=device)
         self._positions[key] = where
         return where
@@ -159,7 +151,12 @@ class MetricSums:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums, "first_bad": self.first_bad, "host": dict(self.host), "count": self.count}
+        """Per-term tensors by name (the train-state format); separate tensors, not views."""
+        sums = first_bad = {}
+        if self._sums is not None and self._first_bad is not None:
+            sums = {k: self._sums[i].clone() for i, k in enumerate(self.names)}
+            first_bad = {k: self._first_bad[i].clone() for i, k in enumerate(self.names)}
+        return {"sums": sums, "first_bad": first_bad, "host": dict(self.host), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         self.names = list(state["sums"])
