@@ -300,3 +300,21 @@ def test_precision_knob_on_cpu() -> None:
         after = snapshot(module)
         assert not same(after, before)
         assert all(v.dtype == before[k].dtype for k, v in after.items())  # weights stay fp32
+
+
+def test_precision_on_a_cuda_device_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fp16 training without loss scaling: such a GPU trains in fp32, teachers run in fp16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "an old GPU")
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32  # make_runtime sets these globals
+    try:
+        auto = make_runtime("cuda")
+        assert auto.amp_dtype is None and auto.inference_dtype == torch.float16
+        fp32 = make_runtime("cuda", precision="fp32")
+        assert fp32.amp_dtype is None and fp32.inference_dtype is None and not matmul.allow_tf32
+        with pytest.raises(RunError, match="an old GPU has no bf16 support"):
+            make_runtime("cuda", precision="bf16")
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved

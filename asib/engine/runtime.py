@@ -114,8 +114,9 @@ def resolve_device(name: str) -> torch.device:
 def make_runtime(device: str, deterministic: bool = False, compile: bool = False, precision: str = "auto") -> Runtime:
     """The device and precision a run computes with.
 
-    ``precision: auto``: on CUDA bf16 autocast (fp16 where bf16 is missing), channels_last,
-    TF32 and cudnn.benchmark; on CPU fp32 training, with channels_last and bf16 teacher
+    ``precision: auto``: on CUDA bf16 autocast, channels_last, TF32 and cudnn.benchmark (a GPU
+    without bf16 trains in fp32 and runs only the frozen teachers in fp16: fp16 training would
+    need loss scaling); on CPU fp32 training, with channels_last and bf16 teacher
     forwards where oneDNN makes them faster (measured with ``asib bench``). ``fp32``: no
     autocast anywhere, teachers included, and no TF32. ``bf16``: bf16 autocast for training
     and teachers, on CPU too. ``deterministic`` turns off cuDNN autotuning and TF32 on CUDA
@@ -128,12 +129,15 @@ def make_runtime(device: str, deterministic: bool = False, compile: bool = False
         bf16_ok = torch.cuda.is_bf16_supported()
         if precision == "bf16" and not bf16_ok:
             raise RunError(f"precision: bf16, but {torch.cuda.get_device_name(dev)} has no bf16 support",
-                           hint="use precision: auto (fp16 autocast there) or fp32")
+                           hint="use precision: auto (fp32 training, fp16 frozen teachers there) or fp32")
         torch.backends.cuda.matmul.allow_tf32 = not deterministic and precision != "fp32"
         torch.backends.cudnn.allow_tf32 = not deterministic and precision != "fp32"
         torch.backends.cudnn.benchmark = not deterministic
-        amp = None if precision == "fp32" else (torch.bfloat16 if bf16_ok else torch.float16)
-        return Runtime(dev, amp, channels_last=True, compile=compile, inference_dtype=amp)
+        if precision == "fp32":
+            return Runtime(dev, None, channels_last=True, compile=compile, inference_dtype=None)
+        if not bf16_ok:  # no gradients flow through fp16 here, so no loss scaling is needed
+            return Runtime(dev, None, channels_last=True, compile=compile, inference_dtype=torch.float16)
+        return Runtime(dev, torch.bfloat16, channels_last=True, compile=compile, inference_dtype=torch.bfloat16)
     onednn = dev.type == "cpu" and not deterministic and torch.backends.mkldnn.is_available()
     if precision == "bf16":
         return Runtime(dev, torch.bfloat16, channels_last=onednn, compile=compile, inference_dtype=torch.bfloat16)
