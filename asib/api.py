@@ -3,7 +3,7 @@
     import asib.api as asib
     student = asib.create_student_by_name("resnet8", num_classes=10)
 
-Every name here lives in its own module (``asib.models``, ``asib.engine.*``, ``asib.data``);
+Every name here lives in its own module (``asib.models``, ``asib.methods``, ``asib.pipeline``, ``asib.data``);
 this module only gathers them. Functions that take a recipe spec accept the typed spec or
 a plain dict, which is validated first with the same error lines as the CLI.
 """
@@ -13,20 +13,14 @@ from __future__ import annotations
 from asib.data import InMemoryLoader, load_info, make_loader
 from asib.data.tasks import ClassInfoMixin, TaskSplit, get_split_loaders, prepare_dataset, task_classes
 from asib.engine.checkpoint import load_model, read_info, save_model
-from asib.engine.distiller import ASIBDistiller
-from asib.engine.evaluate import compute_accuracy
 from asib.engine.logging import ExperimentLogger, get_logger, track
-from asib.engine.losses import ib_loss, kd_loss_fn
+from asib.engine.metrics import compute_accuracy
 from asib.engine.progress import Progress
 from asib.engine.runtime import set_random_seed
-from asib.engine.schedules import get_beta, get_tau
-from asib.engine.stages import (
-    Optimizers,
-    create_optimizers_and_schedulers,
-    run_training_stages,
-    student_distillation_update,
-    teacher_adaptive_update,
-)
+from asib.engine.schedules import get_tau
+from asib.methods import METHODS, DistillMethod, build_method, register_method
+from asib.methods.asib import get_beta
+from asib.methods.losses import ib_loss, kd_loss_fn
 from asib.models import (
     apply_freeze_level,
     build_ib_mbm_from_teachers,
@@ -35,6 +29,13 @@ from asib.models import (
     create_student_by_name,
     create_teacher_by_name,
     setup_partial_freeze_schedule,
+)
+from asib.pipeline.library import (
+    Optimizers,
+    create_optimizers_and_schedulers,
+    run_training_stages,
+    student_distillation_update,
+    teacher_adaptive_update,
 )
 from asib.recipe import AugmentSpec, DistillSpec, OptimSpec, Recipe, load_recipe, spec_from
 
@@ -49,7 +50,10 @@ __all__ = [
     "save_model",
     # fusing teachers
     "build_ib_mbm_from_teachers",
-    "ASIBDistiller",
+    "build_method",
+    "DistillMethod",
+    "METHODS",
+    "register_method",
     # training
     "Optimizers",
     "create_optimizers_and_schedulers",

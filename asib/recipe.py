@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from asib.errors import RecipeError, did_you_mean
 
@@ -127,17 +136,78 @@ class IBMBMSpec(Spec):
 
 
 class DKDSpec(Spec):
-    """Decoupled KD (Zhao et al. 2022)."""
+    """Decoupled KD (Zhao et al. 2022); defaults are the paper's and its official code's."""
 
     alpha: float = Field(1.0, ge=0, description="weight of the target-class term (TCKD)")
     beta: float = Field(8.0, ge=0, description="weight of the non-target-class term (NCKD)")
-    warmup_epochs: int = Field(20, ge=0, description="linear ramp of the DKD term")
+    warmup_epochs: int | None = Field(
+        None, ge=0, description="linear ramp of the DKD term in student epochs; default 1/12 of them (20 of 240 in the paper)"
+    )
+
+
+# Distill keys every method reads; each method adds its own (METHOD_KEYS). A key that the
+# chosen method does not read is a recipe error, so a typo'd or misplaced knob never
+# passes silently. Plug-in methods add their entry with ``register_method_keys``.
+SHARED_DISTILL_KEYS = frozenset({
+    "method", "num_stages", "student_epochs", "batch_size", "eval_batch_size", "student_optim", "augment",
+    "label_smoothing", "student_freeze_schedule",
+})
+_TAU = frozenset({"tau", "tau_start", "tau_end"})
+_KD = frozenset({"ce_alpha", "kd_alpha", "kd_warmup_epochs"}) | _TAU
+METHOD_KEYS: dict[str, frozenset[str]] = {
+    "ce": frozenset(),
+    "kd": _KD | {"kd_teacher"},
+    "avg_kd": _KD | {"teacher_weights"},
+    "dkd": _TAU | {"ce_alpha", "teacher_weights", "dkd"},
+    "asib": _KD | {
+        "kd_ens_alpha", "teacher_adapt_epochs", "synergy_warmup_epochs", "teacher_optim", "synergy_label_smoothing",
+        "ib", "ib_beta", "ib_beta_warmup_epochs", "ib_target_samples", "cccp", "cccp_alpha", "cccp_ramp_epochs",
+        "synergy_target", "synergy_gate", "disagreement", "lambda_high", "lambda_low", "teacher_weights",
+        "teacher_freeze_schedule", "ib_mbm",
+    },
+}
+# Loss weights whose default depends on the method (a missing key takes the method's value).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "kd": {"kd_alpha": 0.7},
+    "avg_kd": {"kd_alpha": 0.7},
+    "dkd": {"ce_alpha": 1.0},
+}
+
+
+def register_method_keys(name: str, keys: frozenset[str] | set[str], defaults: dict[str, Any] | None = None) -> None:
+    """Declare a (plug-in) method's name and the distill keys it reads beyond the shared ones."""
+    unknown = set(keys) - set(DistillSpec.model_fields)
+    if unknown:
+        raise ValueError(f"method {name}: no distill field named {', '.join(sorted(unknown))}")
+    METHOD_KEYS[name] = frozenset(keys)
+    METHOD_DEFAULTS[name] = dict(defaults or {})
+
+
+def method_keys(method: str) -> frozenset[str]:
+    """Every distill key the method reads, shared ones included."""
+    return SHARED_DISTILL_KEYS | METHOD_KEYS[method]
+
+
+def distill_for_method(distill: dict[str, Any], method: str) -> dict[str, Any]:
+    """The keys of a distill section that ``method`` reads, with ``method`` set to it.
+
+    A recipe's distill section is written for one method; to run the same recipe under
+    another (``asib compare``), the other method's knobs are left out rather than refused.
+    """
+    if method not in METHOD_KEYS:
+        raise RecipeError([f"distill.method: unknown method '{method}'{did_you_mean(method, list(METHOD_KEYS))}"])
+    keep = method_keys(method)
+    return {**{k: v for k, v in distill.items() if k in keep}, "method": method}
 
 
 class DistillSpec(Spec):
-    """The distillation step: method, stages, losses and their weights (METHOD.md)."""
+    """The distillation step: method, stages, losses and their weights (METHOD.md).
 
-    method: Literal["asib", "ce", "kd", "avg_kd", "dkd"] = "asib"
+    Which keys a method reads is ``method_keys(method)``; ``ce_alpha`` and ``kd_alpha`` default
+    per method (``METHOD_DEFAULTS``: kd and avg_kd put 0.7 on KD, dkd 1.0 on CE).
+    """
+
+    method: str = Field("asib", description="asib, ce, kd, avg_kd, dkd (or a registered plug-in method)")
     num_stages: int = Field(4, ge=1)
     student_epochs: int | list[int] = Field(5, description="B-step epochs per stage (one number or one per stage)")
     teacher_adapt_epochs: int = Field(2, ge=0, description="A-step epochs per stage")
@@ -149,8 +219,8 @@ class DistillSpec(Spec):
     augment: AugmentSpec = AugmentSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="student CE label smoothing")
     synergy_label_smoothing: float = Field(0.1, ge=0, lt=1)
-    ce_alpha: float = Field(0.3, ge=0)
-    kd_alpha: float = Field(0.35, ge=0, description="KD toward the teacher average")
+    ce_alpha: float = Field(0.3, ge=0, description="weight of the student's CE (dkd: 1.0)")
+    kd_alpha: float = Field(0.35, ge=0, description="KD toward the teacher average (kd, avg_kd: 0.7)")
     kd_ens_alpha: float = Field(0.35, ge=0, description="KD toward the synergy ensemble")
     kd_warmup_epochs: int = Field(0, ge=0)
     tau: float = Field(4.0, gt=0)
@@ -166,16 +236,52 @@ class DistillSpec(Spec):
     synergy_target: Literal["noise_avg", "mu"] = Field(
         "noise_avg", description="B-step target: noise-averaged predictive distribution, or G(mu) (ablation)"
     )
-    synergy_gate: bool = True
+    synergy_gate: bool = Field(
+        True, description="drop the synergy term while the synergy head is below the weakest teacher on val by more"
+        " than two standard errors of the split"
+    )
     disagreement: Literal["none", "both_wrong", "pred", "any_wrong"] = "none"
     lambda_high: float = Field(1.5, ge=0)
     lambda_low: float = Field(1.0, ge=0)
     teacher_weights: list[float] | None = None
     kd_teacher: int | str = Field(0, description="method kd: the teacher, by index or name")
-    student_freeze_schedule: list[int] | None = None
+    student_freeze_schedule: list[int] | None = Field(
+        None, description="per stage: -1 all train, L: head + last L blocks; default all -1, or [-1, ..., 1, 0]"
+        " for a pretrained student"
+    )
     teacher_freeze_schedule: list[int] | None = None
     ib_mbm: IBMBMSpec = IBMBMSpec()
     dkd: DKDSpec = DKDSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_keys(cls, data: Any) -> Any:
+        """Refuse keys the method does not read; fill the method's own default weights."""
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "asib")
+        if not isinstance(method, str) or method not in METHOD_KEYS:
+            return data  # the field's own check reports it
+        unused = sorted(k for k in data if k in cls.model_fields and k not in method_keys(method))
+        if unused:
+            raise PydanticCustomError(
+                "unused_key", "not used by method {method}", {"method": method, "keys": unused}
+            )
+        return {**METHOD_DEFAULTS.get(method, {}), **data}
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHOD_KEYS:
+            names = sorted(METHOD_KEYS)
+            raise ValueError(f"unknown method '{value}' (methods: {', '.join(names)}){did_you_mean(value, names)}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _only_used_keys(self, handler: Any) -> dict[str, Any]:
+        """A resolved dump holds the keys this method reads, so it validates again as it is."""
+        keep = method_keys(self.method)
+        return {k: v for k, v in handler(self).items() if k in keep}
 
     @model_validator(mode="after")
     def _consistent(self) -> DistillSpec:
@@ -201,8 +307,19 @@ class DistillSpec(Spec):
         return list(self.student_epochs)
 
     @property
+    def total_student_epochs(self) -> int:
+        return sum(self.stage_epochs())
+
+    @property
     def effective_cccp_alpha(self) -> float:
         return self.kd_ens_alpha if self.cccp_alpha is None else self.cccp_alpha
+
+    @property
+    def dkd_warmup_epochs(self) -> int:
+        """DKD's ramp: as given, or 1/12 of the student epochs (the paper's 20 of 240), at least 1."""
+        if self.dkd.warmup_epochs is not None:
+            return self.dkd.warmup_epochs
+        return max(1, round(self.total_student_epochs / 12))
 
 
 # ---------------------------------------------------------------- the recipe
@@ -276,10 +393,12 @@ class Recipe(Spec):
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (value parsed as YAML; ``teachers.1.arch`` or
-    ``teachers[1].arch`` address list items). Returns a new dict."""
-    import copy
+    ``teachers[1].arch`` address list items). Returns a new dict; ``data`` is not changed.
 
-    out = copy.deepcopy(data)
+    Every section on an override's path is copied before it is changed, so a block that the
+    YAML shares between items through an anchor changes for the addressed item only.
+    """
+    out = dict(data)
     problems = []
     for item in overrides:
         if "=" not in item:
@@ -287,6 +406,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             continue
         key, raw = item.split("=", 1)
         parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
+        if not parts:
+            problems.append(f"--set {item}: the key before '=' is empty")
+            continue
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
@@ -299,18 +421,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
                     problems.append(f"--set {key}: '{part}' is not an index of a list of {len(node)}")
                     break
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
+                slot: Any = int(part)
             elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    node = node.setdefault(part, {})
+                slot = part
             else:
                 problems.append(f"--set {key}: '{'.'.join(parts[:i])}' is a value, not a section")
                 break
+            if last:
+                node[slot] = value
+                break
+            child = node[slot] if isinstance(node, list) else node.get(slot, {})
+            child = list(child) if isinstance(child, list) else dict(child) if isinstance(child, dict) else child
+            node[slot] = child  # a copy of its own: anchors shared with other items stay as they were
+            node = child
     if problems:
         raise RecipeError(problems)
     return out
@@ -360,6 +483,11 @@ def format_validation_error(exc: ValidationError, root: type[BaseModel] | None =
         # pydantic puts union member names (e.g. 'int', 'list[int]') in loc; drop them.
         loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"int", "str", "float"})))
         path = _loc_text(loc) or "(top level)"
+        if err["type"] == "unused_key":
+            ctx = err.get("ctx") or {}
+            where = f"{_loc_text(loc)}." if loc else ""
+            lines += [f"{where}{key}: not used by method {ctx.get('method')}" for key in ctx.get("keys", [])]
+            continue
         if err["type"] == "extra_forbidden":
             owner = _model_at(loc, root or Recipe)
             hint = did_you_mean(str(loc[-1]), list(owner.model_fields)) if owner else ""
@@ -386,8 +514,13 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
         raise RecipeError(format_validation_error(exc), source) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply ``--set`` overrides, validate."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, method: str | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides, validate.
+
+    ``method`` runs the recipe under another distillation method: its distill section keeps
+    the keys that method reads (``distill_for_method``); ``--set distill.method=...`` instead
+    keeps every key, so another method's knob is an error there.
+    """
     path = Path(path)
     if not path.exists():
         raise RecipeError([f"{path}: no such file"], hint="recipes/ holds ready recipes, e.g. recipes/digits.yaml")
@@ -402,6 +535,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if isinstance(data, dict) and "name" not in data:
         data = {"name": path.stem, **data}
     data = apply_overrides(data, overrides or []) if isinstance(data, dict) else data
+    if method is not None and isinstance(data, dict):
+        distill = data.get("distill") or {}
+        data = {**data, "distill": distill_for_method(distill if isinstance(distill, dict) else {}, method)}
     return recipe_from_dict(data, str(path))
 
 

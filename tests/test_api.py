@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import asib.api as asib
-from asib.engine.distill import DistillTraining
+from asib.data import Batch
 from asib.engine.loaders import SplitLoaders
+from asib.engine.loop import EpochPlan
 from asib.engine.progress import Progress
 from asib.engine.runtime import make_runtime
 from asib.errors import DataError, RecipeError
+from asib.pipeline.distill import DistillTask
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SPEC = {"num_stages": 2, "student_epochs": 1, "teacher_adapt_epochs": 1, "batch_size": 16,
@@ -46,12 +48,11 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def make_distiller(spec: dict = SPEC) -> asib.ASIBDistiller:
+def make_distiller(spec: dict = SPEC) -> asib.DistillMethod:
     torch.manual_seed(0)
     teachers = [asib.create_teacher_by_name(a, 4).eval() for a in ("resnet8", "vgg8")]
     student = asib.create_student_by_name("resnet8", 4)
-    ib_mbm, head = asib.build_ib_mbm_from_teachers(teachers, student, spec)
-    return asib.ASIBDistiller(teachers, student, ib_mbm, head, spec)
+    return asib.build_method(spec, teachers, student)
 
 
 def params(module: torch.nn.Module) -> torch.Tensor:
@@ -72,11 +73,13 @@ def test_fuse_teachers_from_a_plain_dict() -> None:
     d = make_distiller()
     assert d.spec.ib_mbm.dim == 16  # the dict was validated into a DistillSpec
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
-    terms = d(x, y, epoch=0, phase="A")
+    terms = d(EpochPlan(0, "A", 0, 0, 0), Batch(x, y))
     assert {"loss", "syn_ce", "ib_kl", "attn_t0", "attn_t1"} <= set(terms)
     assert d.synergy_logits(x).shape == (4, 4)
+    ib_mbm, head = asib.build_ib_mbm_from_teachers(list(d.teachers), d.student, SPEC)
+    assert ib_mbm.teacher_dims == d.ib_mbm.teacher_dims and head.net[-1].out_features == 4
     with pytest.raises(RecipeError, match="unknown key"):
-        asib.ASIBDistiller(d.teachers, d.student, d.ib_mbm, d.synergy_head, {"tua": 2})
+        asib.build_method({"tua": 2}, d.teachers, d.student)
 
 
 # ---------------------------------------------------------------- training
@@ -88,12 +91,12 @@ def test_optimizers_are_the_engines(data_dir: Path) -> None:
     t_opt, t_sched, s_opt, s_sched = opts  # also a plain 4-tuple
     assert isinstance(t_opt, torch.optim.AdamW) and isinstance(s_opt, torch.optim.AdamW)
     loader = asib.make_loader(data_dir, "train", batch_size=16, device="cpu", train=True)
-    engine = DistillTraining(d, d.spec, SplitLoaders(None, loader, None, loader), make_runtime("cpu"), [],  # type: ignore[arg-type]
-                             lambda _e: None, Progress(enabled=False))
-    for ours, theirs in ((t_opt, engine.teacher_opt), (s_opt, engine.student_opt)):
+    engine = DistillTask(d, SplitLoaders(None, loader, None, loader), make_runtime("cpu"),  # type: ignore[arg-type]
+                         lambda _e: None, Progress(enabled=False))
+    for ours, theirs in ((t_opt, engine.optimizers["A"]), (s_opt, engine.optimizers["B"])):
         assert [len(g["params"]) for g in ours.param_groups] == [len(g["params"]) for g in theirs.param_groups]
         assert ours.defaults["lr"] == theirs.defaults["lr"]
-    assert s_sched.get_last_lr() == engine.student_sched.get_last_lr()
+    assert s_sched.get_last_lr() == engine.schedulers["B"].get_last_lr()
     with pytest.raises(RecipeError, match="differs"):
         asib.create_optimizers_and_schedulers(d, {**SPEC, "tau": 1.0}, 3)
 
@@ -114,14 +117,14 @@ def test_one_epoch_a_step_and_b_step(data_dir: Path) -> None:
 
 
 def test_a_step_needs_asib(data_dir: Path) -> None:
-    spec = {**SPEC, "method": "kd"}
+    spec = {"num_stages": 2, "student_epochs": 1, "batch_size": 16, "method": "kd"}
     torch.manual_seed(0)
     teachers = [asib.create_teacher_by_name("resnet8", 4)]
-    d = asib.ASIBDistiller(teachers, asib.create_student_by_name("resnet8", 4), None, None, spec)
+    d = asib.build_method(spec, teachers, asib.create_student_by_name("resnet8", 4))
     loader = asib.make_loader(data_dir, "train", batch_size=16, device="cpu", train=True)
     opts = asib.create_optimizers_and_schedulers(d, spec, len(loader))
     assert opts.teacher_optimizer is None
-    with pytest.raises(RecipeError, match="asib only"):
+    with pytest.raises(RecipeError, match="no teacher-side"):
         asib.teacher_adaptive_update(d, loader, opts)
     assert "kd" in asib.student_distillation_update(d, loader, opts)
 

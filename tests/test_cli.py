@@ -113,14 +113,44 @@ def test_distill_end_to_end(pipeline: dict[str, Path]) -> None:
     assert json.loads(r.output)["top1"] == pytest.approx(summary["synergy_test_top1"], abs=1e-9)
 
 
+def test_synergy_checkpoint_holds_the_adapted_teacher_blocks(pipeline: dict[str, Path]) -> None:
+    """With teacher blocks unfrozen, evaluating synergy.safetensors gives summary.json's figure."""
+    root, data = pipeline["root"], pipeline["data"]
+    adapted = tiny_recipe(root, teacher_freeze_schedule=[1], teacher_optim={"name": "adamw", "lr": 1e-2})
+    recipe = write_recipe(root / "adapt.yaml", adapted)
+    out = root / "runs" / "adapted"
+    r = invoke("distill", recipe, "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teachers_adapted"] is True
+    r = invoke("evaluate", out / "synergy.safetensors", "--data", data, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["top1"] == pytest.approx(summary["synergy_test_top1"], abs=1e-9)
+    # the teachers' own figures are of the checkpoints as loaded, untouched by the adaptation
+    for k, name in enumerate(("t1", "t2")):
+        teacher = json.loads((pipeline["run"] / "teachers" / name / "summary.json").read_text())
+        assert summary["teacher_test_top1"][k] == pytest.approx(teacher["test_top1"], abs=1e-3)
+
+
 @pytest.mark.parametrize("method", ["ce", "kd", "avg_kd", "dkd"])
 def test_baselines_run(pipeline: dict[str, Path], method: str) -> None:
     out = pipeline["root"] / "runs" / f"b_{method}"
-    r = invoke("distill", pipeline["recipe"], "--out", out, "--set", f"distill.method={method}", "--quiet")
+    r = invoke("distill", pipeline["recipe"], "--out", out, "--method", method, "--quiet")
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["synergy_test_top1"] is None
     assert not (out / "synergy.safetensors").exists()
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())["distill"]
+    assert resolved["method"] == method and "ib_mbm" not in resolved  # only what the method reads
+
+
+def test_another_methods_key_is_a_recipe_error(pipeline: dict[str, Path]) -> None:
+    out = pipeline["root"] / "runs" / "strict"
+    r = invoke("distill", pipeline["recipe"], "--out", out, "--set", "distill.method=avg_kd")
+    assert r.exit_code == 2
+    assert "distill.ib_mbm: not used by method avg_kd" in r.output
+    assert "distill.teacher_adapt_epochs: not used by method avg_kd" in r.output
+    assert not out.exists()
 
 
 def test_existing_run_is_refused_then_forced(pipeline: dict[str, Path]) -> None:
@@ -196,7 +226,7 @@ def test_fewer_than_two_teachers(pipeline: dict[str, Path]) -> None:
 def test_wrong_kind_teacher_checkpoint(pipeline: dict[str, Path]) -> None:
     root = pipeline["root"]
     student_out = root / "runs" / "kind_src"
-    assert invoke("distill", pipeline["recipe"], "--out", student_out, "--set", "distill.method=ce", "-q").exit_code == 0
+    assert invoke("distill", pipeline["recipe"], "--out", student_out, "--method", "ce", "-q").exit_code == 0
     data = tiny_recipe(root)
     data["teachers"][0]["checkpoint"] = str(student_out / "student.safetensors")
     recipe = write_recipe(root / "kind.yaml", data)

@@ -22,15 +22,15 @@ from typer.testing import CliRunner
 
 from asib.cli import app
 from asib.engine.checkpoint import save_model
-from asib.engine.distill import distill
 from asib.engine.distributed import Dist, convert_sync_bn, init_distributed
-from asib.engine.finetune import finetune_teacher
 from asib.engine.loop import LoopConfig, MetricSums
 from asib.engine.progress import Progress
-from asib.engine.run import read_metrics
+from asib.engine.runfolder import read_metrics
 from asib.errors import Interrupted, RecipeError
-from asib.models import create_model, register_model, registry
+from asib.models import create_model, register_model, zoo
 from asib.models.cifar import CifarNet
+from asib.pipeline.distill import distill
+from asib.pipeline.finetune import finetune_teacher
 from asib.recipe import Recipe
 
 WORLD = 2
@@ -56,7 +56,7 @@ def tiny_model_registered() -> Iterator[None]:
     try:
         yield
     finally:
-        registry._ZOO.pop("ddp_tiny")
+        zoo.ZOO.pop("ddp_tiny")
 
 
 def make_recipe(root: Path, name: str) -> dict[str, Any]:

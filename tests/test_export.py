@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from asib.cli import app
 from asib.data import make_loader, prepare_data
 from asib.engine.checkpoint import load_model, read_info, save_model, save_tensors
-from asib.engine.export import export_checkpoint
 from asib.errors import CheckpointError
 from asib.models import create_model
+from asib.pipeline.export import export_checkpoint
 from asib.recipe import DataSpec
 
 runner = CliRunner()

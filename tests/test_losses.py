@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from asib.engine.losses import (
+from asib.engine.schedules import get_tau, lr_lambda, ramp
+from asib.errors import RecipeError
+from asib.methods.asib import cccp_ramp, gate_margin, get_beta
+from asib.methods.losses import (
     cccp_loss,
     cross_entropy,
     disagreement_weights,
@@ -21,8 +24,6 @@ from asib.engine.losses import (
     teacher_average,
     weighted_mean,
 )
-from asib.engine.schedules import cccp_ramp, dkd_warmup, get_beta, get_tau, kd_warmup, lr_lambda
-from asib.errors import RecipeError
 from asib.recipe import DistillSpec, OptimSpec
 
 # ---------------------------------------------------------------- KL / KD
@@ -207,11 +208,25 @@ def test_get_tau() -> None:
 def test_ramps() -> None:
     assert [cccp_ramp(e, {"cccp_ramp_epochs": 2}) for e in (0, 1, 5)] == [0.5, 1.0, 1.0]
     assert cccp_ramp(0, {"cccp_ramp_epochs": 0}) == 1.0
-    assert kd_warmup(0, DistillSpec()) == 1.0
-    assert [kd_warmup(e, {"kd_warmup_epochs": 4}) for e in (0, 3, 9)] == [0.25, 1.0, 1.0]
-    assert dkd_warmup(0, DistillSpec()) == pytest.approx(1 / 20)
-    assert dkd_warmup(19, DistillSpec()) == 1.0
-    assert dkd_warmup(0, {"dkd": {"warmup_epochs": 0}}) == 1.0
+    assert ramp(0, 0) == 1.0
+    assert [ramp(e, 4) for e in (0, 3, 9)] == [0.25, 1.0, 1.0]
+
+
+def test_dkd_warmup_scales_with_the_schedule() -> None:
+    """DKD's warm-up is the paper's 20 of 240 epochs: 1/12 of the student epochs, at least 1."""
+    paper = DistillSpec(method="dkd", num_stages=1, student_epochs=240)
+    assert paper.dkd_warmup_epochs == 20
+    assert DistillSpec(method="dkd", num_stages=2, student_epochs=8).dkd_warmup_epochs == 1
+    assert DistillSpec(method="dkd", num_stages=4, student_epochs=12).dkd_warmup_epochs == 4
+    assert DistillSpec(method="dkd", dkd={"warmup_epochs": 0}).dkd_warmup_epochs == 0
+    spec = DistillSpec(method="dkd")
+    assert (spec.ce_alpha, spec.dkd.alpha, spec.dkd.beta, spec.tau) == (1.0, 1.0, 8.0, 4.0)
+
+
+def test_gate_margin_is_two_standard_errors() -> None:
+    assert gate_margin(92.7, 1000) == pytest.approx(200 * math.sqrt(0.927 * 0.073 / 1000))
+    assert gate_margin(92.7, 1000) == pytest.approx(1.645, abs=1e-3)
+    assert gate_margin(100.0, 1000) == 0.0 and gate_margin(50.0, 0) == 0.0
 
 
 def test_lr_lambda_cosine_and_constant() -> None:

@@ -23,7 +23,7 @@ from asib.data import Batch
 from asib.engine.checkpoint import load_tensors, read_info, save_model
 from asib.engine.loop import EpochPlan, LoopConfig, MetricSums, run_plan
 from asib.engine.progress import Progress
-from asib.engine.run import RunFolder
+from asib.engine.runfolder import RunFolder
 from asib.errors import CheckpointError, RunError
 from asib.models import create_model
 
@@ -233,7 +233,7 @@ def test_truncated_checkpoint_is_one_clear_line(tmp_path: Path) -> None:
 
 
 class _NaNAt:
-    """A method whose loss turns NaN at a given step of its second epoch."""
+    """A task whose loss and its term 'ce' turn NaN at a given step of its second epoch."""
 
     def __init__(self, bad_step: int) -> None:
         self.bad_step = bad_step
@@ -242,16 +242,12 @@ class _NaNAt:
     def plan(self) -> list[EpochPlan]:
         return [EpochPlan(i, "train", 0, i, i) for i in range(3)]
 
-    def loader(self, ep: EpochPlan):
-        class Loader:
-            def __len__(self) -> int:
-                return 5
+    def steps(self, ep: EpochPlan) -> int:
+        return 5
 
-            def batches(self, epoch: int, start: int = 0):
-                for _ in range(start, 5):
-                    yield Batch(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))
-
-        return Loader()
+    def batches(self, ep: EpochPlan, start: int = 0):
+        for _ in range(start, 5):
+            yield Batch(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))
 
     def begin_epoch(self, ep: EpochPlan) -> None:
         self.epoch = ep.index
@@ -260,7 +256,8 @@ class _NaNAt:
     def step(self, ep: EpochPlan, batch: Batch) -> dict:
         bad = self.epoch == 1 and self.count == self.bad_step
         self.count += 1
-        return {"ce": torch.tensor(float("nan")) if bad else self.w.detach() * 2, "beta": 0.1}
+        value = torch.tensor(float("nan")) if bad else self.w.detach() * 2
+        return {"loss": value * 0.5, "ce": value, "beta": 0.1}  # 'loss' first: the guard names its term
 
     def end_epoch(self, ep: EpochPlan, record: dict) -> dict:
         return {}
@@ -343,7 +340,7 @@ def test_second_process_on_a_run_folder_is_refused(tmp_path: Path) -> None:
     first = RunFolder(tmp_path / "run", ())
     first.start("x: 1\n", force=False, resume=False)
     code = (
-        "import sys; from asib.engine.run import RunFolder; from asib.errors import RunError\n"
+        "import sys; from asib.engine.runfolder import RunFolder; from asib.errors import RunError\n"
         f"f = RunFolder({str(tmp_path / 'run')!r}, ())\n"
         "try:\n    f.lock()\nexcept RunError as e:\n    print(e.message); sys.exit(3)\n"
     )

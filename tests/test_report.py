@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from asib.cli import app
-from asib.engine.report import group_runs, loss_keys, make_report, plot_accuracy, read_run
+from asib.report import group_runs, loss_keys, make_report, plot_accuracy, read_run
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,11 @@ SetOpt = Annotated[
 OutOpt = Annotated[Path | None, typer.Option("--out", help="run folder (overrides the recipe's out_dir)")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue the run from its saved train state")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing run's files")]
+MethodOpt = Annotated[
+    str | None,
+    typer.Option("--method", "-m", help="run the recipe with this distillation method; the distill keys it does"
+                 " not read are left out (a --set of them is still an error)"),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
 
 
@@ -65,14 +70,17 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def load(recipe: Path, overrides: list[str] | None, out: Path | None = None, check_models: bool = True):
+def load(
+    recipe: Path, overrides: list[str] | None, out: Path | None = None, check_models: bool = True,
+    method: str | None = None,
+):
     """Read, override and validate a recipe; with ``check_models`` also check every arch name."""
     from asib.recipe import load_recipe
 
     sets = list(overrides or [])
     if out is not None:
         sets.append(f"out_dir={out}")
-    result = load_recipe(recipe, sets)
+    result = load_recipe(recipe, sets, method)
     if check_models:
         from asib.models import check_recipe_models
 

@@ -42,7 +42,7 @@ def bench(
 ) -> None:
     """Images/s and peak memory of data loading, fine-tuning, A-step, B-step and kd steps: engine vs bare loops."""
     r = load(recipe, set_)
-    from asib.engine.bench import BenchConfig, run_bench
+    from asib.bench import BenchConfig, run_bench
     from asib.errors import RecipeError
 
     if device is not None and device not in ("cpu", "cuda"):

@@ -9,6 +9,7 @@ import typer
 
 from asib.cli._common import (
     ForceOpt,
+    MethodOpt,
     QuietOpt,
     RecipeArg,
     ResumeOpt,
@@ -24,6 +25,7 @@ from asib.cli._common import (
 def distill(
     recipe: RecipeArg,
     set_: SetOpt = None,
+    method: MethodOpt = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="folder of this run (default: the recipe's out_dir); teachers are read from the recipe's paths"),
@@ -34,9 +36,9 @@ def distill(
     save_every: Annotated[int, typer.Option(help="also save the train state every N steps (0: epoch ends)")] = 0,
 ) -> None:
     """Train the student from the teachers' checkpoints; write student.safetensors and synergy.safetensors."""
-    r = load(recipe, set_)
-    from asib.engine.distill import distill as run_distill
+    r = load(recipe, set_, method=method)
     from asib.engine.loop import LoopConfig
+    from asib.pipeline.distill import distill as run_distill
 
     result = run_distill(
         r, force=force, resume=resume, progress=progress(quiet), loop=LoopConfig(save_every_steps=save_every), run_dir=out

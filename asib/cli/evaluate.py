@@ -21,7 +21,7 @@ def evaluate(
     per_class: Annotated[bool, typer.Option("--per-class", help="also show every class's accuracy")] = False,
 ) -> None:
     """Top-1, top-5, NLL, ECE (15 bins) and per-class accuracy of a checkpoint."""
-    from asib.engine.evaluate import evaluate_checkpoint
+    from asib.pipeline.evaluate import evaluate_checkpoint
 
     result, about = evaluate_checkpoint(checkpoint, data, split, device)
     if as_json:

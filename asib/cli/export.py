@@ -32,7 +32,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out file")] = False,
 ) -> None:
     """Export a model and check it against PyTorch (max |difference| of the logits must stay under 1e-4)."""
-    from asib.engine.export import export_checkpoint
+    from asib.pipeline.export import export_checkpoint
 
     result = export_checkpoint(checkpoint, format_.value, out, data_dir=data, force=force)
     size = f"{result.bytes / 1e6:.2f} MB" if result.bytes >= 1e5 else f"{result.bytes / 1e3:.1f} kB"

@@ -37,8 +37,8 @@ def finetune_teacher(
     if not r.teachers:
         raise RecipeError(["teachers: the recipe lists no teachers"], str(recipe))
     chosen = [r.find_teacher(teacher)] if teacher is not None else list(r.teachers)
-    from asib.engine.finetune import finetune_teacher as run_finetune
     from asib.engine.loop import LoopConfig
+    from asib.pipeline.finetune import finetune_teacher as run_finetune
 
     console = out_console()
     for spec in chosen:

@@ -30,7 +30,7 @@ def report(
     table_only: Annotated[bool, typer.Option("--table-only", help="write report.md and report.json, no plots")] = False,
 ) -> None:
     """PNG plots per run (accuracy, loss terms, schedules, attention) and a markdown table; seeds are aggregated."""
-    from asib.engine.report import make_report
+    from asib.report import make_report
 
     result = make_report(runs, out, group_by=group_by.value, plots=not table_only)
     console = out_console()

@@ -24,6 +24,7 @@ from asib.recipe import AugmentSpec
 
 # Stream ids keep the generators of one (seed, epoch) independent of each other.
 _ORDER, _SCALARS, _TENSORS = 1, 2, 3
+_STREAM_BASE = 1000  # streams other than 0 add this to their id in the seed
 
 
 class Batch(NamedTuple):
@@ -43,6 +44,11 @@ def _seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from several integers (negative seeds allowed)."""
     state = np.random.SeedSequence([p % 2**63 for p in parts]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _epoch_key(epoch: int, stream: int) -> tuple[int, ...]:
+    """The seed parts of an epoch of a stream (stream 0 keeps the plain epoch number)."""
+    return (epoch,) if stream == 0 else (epoch, _STREAM_BASE + stream)
 
 
 def _torch_gen(seed: int, device: torch.device) -> torch.Generator:
@@ -134,12 +140,12 @@ class InMemoryLoader:
         """The batches of epoch 0: what an evaluation loader needs."""
         return self.batches(0)
 
-    def indices(self, epoch: int) -> torch.Tensor:
+    def indices(self, epoch: int, stream: int = 0) -> torch.Tensor:
         """This rank's sample indices of ``epoch``, in batch order (before dropping the last batch)."""
         n = self.num_images
         if self.shuffle:
             order = torch.randperm(
-                n, generator=_torch_gen(_seed(self.seed, epoch, _ORDER), torch.device("cpu"))
+                n, generator=_torch_gen(_seed(self.seed, *_epoch_key(epoch, stream), _ORDER), torch.device("cpu"))
             )
         else:
             order = torch.arange(n)
@@ -147,14 +153,20 @@ class InMemoryLoader:
             order = order[: (n // self.world_size) * self.world_size]
         return order[self.rank :: self.world_size].to(self.device)
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        """Yield the batches of ``epoch`` from batch index ``start`` (to resume mid-epoch)."""
+    def batches(self, epoch: int, start: int = 0, stream: int = 0) -> Iterator[Batch]:
+        """Yield the batches of ``epoch`` from batch index ``start`` (to resume mid-epoch).
+
+        ``stream`` picks an independent sequence of orders and augmentations: the student's
+        epochs use stream 0 whatever else a method trains, so at one seed every method's
+        n-th student epoch sees the same batches; ASIB's teacher-side epochs draw stream 1.
+        """
         if not 0 <= start <= self._len:
             raise DataError(f"cannot start at batch {start}: an epoch has {self._len}")
-        order = self.indices(epoch)
+        order = self.indices(epoch, stream)
+        key = _epoch_key(epoch, stream)
         for b in range(start, self._len):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self._make_batch(idx, self.labels.index_select(0, idx), epoch, b)
+            yield self._make_batch(idx, self.labels.index_select(0, idx), key, b)
 
     def _init_window_gather(self, images: torch.Tensor) -> None:
         """Keep the split zero-padded once, channels last, so that a batch's crops and flips are
@@ -183,10 +195,10 @@ class InMemoryLoader:
         self._strides = (hp * wp * c, wp * c, c)  # image, row, column steps in the padded split
         self._shape = (h, w, c) if self.channels_last else (c, h, w)
 
-    def _make_batch(self, idx: torch.Tensor, y: torch.Tensor, epoch: int, index: int) -> Batch:
+    def _make_batch(self, idx: torch.Tensor, y: torch.Tensor, key: tuple[int, ...], index: int) -> Batch:
         """Gather (cropped, flipped), normalise and mix the images ``idx`` of one batch."""
         aug = self.augment
-        gen = None if aug is None else _torch_gen(_seed(self.seed, epoch, self.rank, index, _TENSORS), self.device)
+        gen = None if aug is None else _torch_gen(_seed(self.seed, *key, self.rank, index, _TENSORS), self.device)
         if self.images is None:  # crops or flips: one gather from the padded split
             assert gen is not None
             xf = self._gather_windows(idx, gen)
@@ -197,7 +209,7 @@ class InMemoryLoader:
             xf = torch.addcmul(self._bias, x, self._inv)
         if aug is None or gen is None:
             return Batch(xf, y)
-        rng = np.random.default_rng(_seed(self.seed, epoch, self.rank, index, _SCALARS))
+        rng = np.random.default_rng(_seed(self.seed, *key, self.rank, index, _SCALARS))
         xf, y2, lam = mix(xf, y, aug, rng, gen)
         if self.channels_last:
             xf = xf.contiguous(memory_format=torch.channels_last)

@@ -144,3 +144,98 @@ def load_model(
             f" e.g. {(list(missing) + list(unexpected))[0]})"
         )
     return model.to(device).eval(), info
+
+
+def checkpoint_extras(recipe: Any, info: Any, **more: Any) -> dict[str, Any]:
+    """Metadata that travels with every model checkpoint: classes, normalisation, recipe.
+
+    ``recipe`` is the run's Recipe, ``info`` the prepared dataset's DatasetInfo.
+    """
+    return {
+        "classes": list(info.classes),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "image_size": list(info.image_size),
+        "recipe": recipe.model_dump(mode="json"),
+        **more,
+    }
+
+
+# ------------------------------------------------------------------ synergy checkpoints
+
+
+def save_synergy(
+    path: str | Path,
+    ib_mbm: nn.Module,
+    head: nn.Module,
+    teacher_paths: list[Path],
+    student_path: Path,
+    spec: Any,
+    extra: dict[str, Any],
+    adapted_teachers: list[dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Adapters + IB_MBM + head, the teacher and student checkpoints they are queried with,
+    and, when teacher blocks were trained on the synergy path, the adapted teachers' weights
+    (``teacher{k}.*``), so the ensemble is evaluated exactly as it was trained."""
+    tensors = {f"ib_mbm.{k}": v for k, v in ib_mbm.state_dict().items()}
+    tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    for k, state in enumerate(adapted_teachers or []):
+        tensors.update({f"teacher{k}.{name}": v for name, v in state.items()})
+    meta = {
+        "asib.kind": "synergy",
+        "asib.arch": "ib_mbm",
+        "asib.num_classes": str(head.net[-1].out_features),
+        "asib.teachers": [str(p) for p in teacher_paths],
+        "asib.student": json.dumps(str(student_path)),
+        "asib.query_dim": ib_mbm.query_dim,
+        "asib.teacher_dims": ib_mbm.teacher_dims,
+        "asib.ib_mbm": spec.ib_mbm.model_dump(),
+        "asib.ib": spec.ib,
+        "asib.adapted_teachers": adapted_teachers is not None,
+        **{f"asib.{k}": v for k, v in extra.items()},
+    }
+    return save_tensors(path, tensors, meta)
+
+
+def _resolve(ref: str, base: Path) -> Path:
+    """A referenced checkpoint: as written (relative to the working folder), else beside the synergy file."""
+    path = Path(ref)
+    if path.exists() or path.is_absolute():
+        return path
+    beside = base / path.name
+    return beside if beside.exists() else path
+
+
+def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_synergy_predictor(info: CheckpointInfo, runtime: Any):
+    """A function x -> synergy logits, rebuilt from a synergy checkpoint and the files it names."""
+    from asib.models.ib_mbm import IBMBM, SynergyHead
+    from asib.recipe import IBMBMSpec
+
+    base = info.path.parent
+    tensors = load_tensors(info.path)
+    teachers = []
+    for k, ref in enumerate(info.json_field("teachers")):
+        teacher, _ = load_model(_resolve(ref, base), kinds=("teacher",), device=runtime.device)
+        if info.json_field("adapted_teachers"):
+            teacher.load_state_dict(_take(tensors, f"teacher{k}."))
+        teachers.append(teacher.eval())
+    student, _ = load_model(_resolve(info.json_field("student"), base), kinds=("student",), device=runtime.device)
+    ib_spec = IBMBMSpec.model_validate(info.json_field("ib_mbm"))
+    ib_mbm = IBMBM(info.json_field("query_dim"), info.json_field("teacher_dims"), ib_spec, ib=info.json_field("ib"))
+    head = SynergyHead(ib_spec.dim, info.num_classes, ib_spec.head_dropout)
+    ib_mbm.load_state_dict(_take(tensors, "ib_mbm."))
+    head.load_state_dict(_take(tensors, "head."))
+    ib_mbm.to(runtime.device).eval()
+    head.to(runtime.device).eval()
+
+    @torch.inference_mode()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with runtime.autocast():
+            feats = [t.features(x) for t in teachers]
+            return head(ib_mbm(student.features(x), feats).mu)
+
+    return predict

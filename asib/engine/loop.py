@@ -1,9 +1,9 @@
-"""The one training loop. Every command and method runs through ``run_plan``.
+"""The one training loop. Every command runs its training through ``run_plan``.
 
-A method (fine-tuning, the ASIB A/B steps, a KD baseline) gives a plan of epochs and a step
-function; the loop owns everything around the step: data order, metric accumulation on
-the device (read once per epoch), the finiteness guard, train-state saves, resume and
-clean stops on SIGINT/SIGTERM.
+A task (fine-tuning one model, or distilling with any method) gives a plan of epochs, the
+batches of each and a step function; the loop owns everything around the step: metric
+accumulation on the device (read once per epoch), the finiteness guard, train-state saves,
+resume and clean stops on SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from asib.data import Batch, InMemoryLoader
+from asib.data import Batch
 from asib.engine.progress import Progress, format_record
-from asib.engine.run import RunFolder
+from asib.engine.runfolder import RunFolder
 from asib.engine.runtime import rng_state, set_rng_state
-from asib.engine.state import load_train_state, save_train_state
+from asib.engine.trainstate import load_train_state, save_train_state
 from asib.errors import Interrupted, RunError
 
 if TYPE_CHECKING:
@@ -44,11 +44,12 @@ class EpochPlan:
     stage_epoch: int  # epoch within this phase of this stage
 
 
-class Method(Protocol):
-    """What the loop needs from a training method."""
+class Task(Protocol):
+    """What the loop needs from a training task."""
 
     def plan(self) -> list[EpochPlan]: ...
-    def loader(self, ep: EpochPlan) -> InMemoryLoader: ...
+    def steps(self, ep: EpochPlan) -> int: ...
+    def batches(self, ep: EpochPlan, start: int = 0) -> Iterator[Batch]: ...
     def begin_epoch(self, ep: EpochPlan) -> None: ...
     def step(self, ep: EpochPlan, batch: Batch) -> dict[str, torch.Tensor | float]: ...
     def end_epoch(self, ep: EpochPlan, record: dict[str, Any]) -> dict[str, Any]: ...
@@ -212,11 +213,11 @@ class PlanResult:
 
 
 def _state(
-    method: Method, pos: int, step: int, sums: MetricSums, records: list[dict[str, Any]], elapsed: float
+    task: Task, pos: int, step: int, sums: MetricSums, records: list[dict[str, Any]], elapsed: float
 ) -> dict[str, Any]:
     return {
         "position": {"epoch_index": pos, "step": step},
-        "method": method.state_dict(),
+        "task": task.state_dict(),
         "rng": rng_state(),
         "sums": sums.state_dict(),
         "records": records,
@@ -225,7 +226,7 @@ def _state(
 
 
 def run_plan(
-    method: Method,
+    task: Task,
     folder: RunFolder,
     progress: Progress,
     device: torch.device,
@@ -234,7 +235,7 @@ def run_plan(
     summary_keys: list[str] | None = None,
     dist: Dist | None = None,
 ) -> PlanResult:
-    """Run every epoch of the method's plan (from the saved position with ``resume``).
+    """Run every epoch of the task's plan (from the saved position with ``resume``).
 
     Per-epoch records go to metrics.jsonl; they hold figures only, no timings, so two runs
     of a deterministic recipe write identical files. Under torchrun (``dist``) every rank
@@ -243,7 +244,7 @@ def run_plan(
     the other ranks start from zero).
     """
     config = config or LoopConfig()
-    plan = method.plan()
+    plan = task.plan()
     records: list[dict[str, Any]] = []
     start_epoch, start_step, prior = 0, 0, 0.0
     world = dist.world_size if dist is not None else 1
@@ -251,7 +252,7 @@ def run_plan(
     sums = MetricSums(dist)
     if resume:
         state = load_train_state(folder.state_path)
-        method.load_state_dict(state["method"])
+        task.load_state_dict(state["task"])
         set_rng_state(state["rng"])
         records, prior = state["records"], state["elapsed"]
         start_epoch, start_step = state["position"]["epoch_index"], state["position"]["step"]
@@ -274,7 +275,7 @@ def run_plan(
         total = sums.reduced() if sums.dist is not None else sums  # a collective under torchrun
         if is_main:
             elapsed = prior + time.perf_counter() - began
-            state = _state(method, pos, step, total, records, elapsed)
+            state = _state(task, pos, step, total, records, elapsed)
             state["position"]["world_size"] = world
             save_train_state(folder.state_path, state)
         if dist is not None:
@@ -283,14 +284,14 @@ def run_plan(
     total_steps = 0
     with StopRequest().installed() as stop:
         for ep in plan[start_epoch:]:
-            loader = method.loader(ep)
-            method.begin_epoch(ep)
+            n_steps = task.steps(ep)
+            task.begin_epoch(ep)
             tick = time.perf_counter()
-            progress.start(f"{_label(ep)} {ep.index + 1}/{len(plan)}", len(loader) - start_step)
+            progress.start(f"{_label(ep)} {ep.index + 1}/{len(plan)}", n_steps - start_step)
             step = start_step
             try:
-                for batch in loader.batches(ep.index, start=start_step):
-                    terms = method.step(ep, batch)
+                for batch in task.batches(ep, start_step):
+                    terms = task.step(ep, batch)
                     sums.add(terms, batch.y.shape[0], step)
                     step += 1
                     total_steps += 1
@@ -299,7 +300,7 @@ def run_plan(
                         config.stop_after_steps is not None and total_steps >= config.stop_after_steps
                     )
                     periodic = config.save_every_steps > 0 and step % config.save_every_steps == 0
-                    if step < len(loader) and (halt or periodic):
+                    if step < n_steps and (halt or periodic):
                         check_finite(sums, ep)
                         save(ep.index, step)
                         if halt:
@@ -308,7 +309,7 @@ def run_plan(
                 progress.stop()
             if dist is not None:
                 dist.sync_buffers()  # every rank validates rank 0's model
-            record = _close_epoch(method, ep, sums)
+            record = _close_epoch(task, ep, sums)
             records.append(record)
             folder.log(record)
             line = format_record(record, summary_keys or list(record))
@@ -333,8 +334,14 @@ def _label(ep: EpochPlan) -> str:
 
 
 def check_finite(sums: MetricSums, ep: EpochPlan) -> None:
+    """Stop on a non-finite term, naming the first one to go bad: a component of the loss
+    rather than ``loss`` itself when both went bad at the same step."""
     means, bad = sums.read()
-    for name, step in bad.items():
+    if bad:
+        first = min(bad.values())
+        at_first = [name for name, step in bad.items() if step == first]
+        name = next((n for n in at_first if n != "loss"), at_first[0])
+        step = first
         raise RunError(
             f"loss term '{name}' is not finite at step {step} of epoch {ep.index + 1} ({_label(ep)})",
             hint="the last good checkpoint and train state are kept; lower the learning rate or check the data",
@@ -344,7 +351,7 @@ def check_finite(sums: MetricSums, ep: EpochPlan) -> None:
             raise RunError(f"loss term '{name}' is not finite in epoch {ep.index + 1} ({_label(ep)})")
 
 
-def _close_epoch(method: Method, ep: EpochPlan, sums: MetricSums) -> dict[str, Any]:
+def _close_epoch(task: Task, ep: EpochPlan, sums: MetricSums) -> dict[str, Any]:
     check_finite(sums, ep)
     means, _ = sums.read()
     record: dict[str, Any] = {
@@ -353,7 +360,7 @@ def _close_epoch(method: Method, ep: EpochPlan, sums: MetricSums) -> dict[str, A
         "stage": ep.stage + 1,
         **{k: round(v, 6) for k, v in means.items()},
     }
-    record.update(method.end_epoch(ep, record))
+    record.update(task.end_epoch(ep, record))
     return record
 
 

@@ -162,6 +162,26 @@ def set_random_seed(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def derive_seed(seed: int, stream: str) -> int:
+    """A seed of its own for one use of a run's seed (e.g. ``"student"``), stable across runs and platforms."""
+    import zlib
+
+    return int(np.random.SeedSequence([seed % 2**63, zlib.crc32(stream.encode())]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, stream: str) -> Iterator[None]:
+    """Run the block with torch's CPU generator seeded by ``(seed, stream)`` and restore it after.
+
+    Models are built on the CPU under it, so a model's initial weights depend on the seed and
+    its stream only, never on what was built or loaded before: at one seed every method
+    starts from the same student.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(derive_seed(seed, stream))
+        yield
+
+
 def rng_state() -> dict[str, object]:
     """Every RNG state a run depends on (torch CPU and CUDA, numpy, python)."""
     state: dict[str, object] = {

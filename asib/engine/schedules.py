@@ -1,5 +1,5 @@
-"""Schedules of the distillation step (METHOD.md): IB beta, temperature, CCCP and KD ramps,
-and the learning-rate multiplier for ``torch.optim.lr_scheduler.LambdaLR``.
+"""Schedules shared by every method (METHOD.md): linear ramps, the temperature over the
+student epochs, and the learning-rate multiplier for ``torch.optim.lr_scheduler.LambdaLR``.
 
 Every ramp uses the same convention: epoch ``e`` (0-based) gets ``min(1, (e + 1) / W)``, so
 the first epoch already has a share of the term and epoch ``W - 1`` has all of it; ``W = 0``
@@ -15,17 +15,9 @@ from typing import Any
 from asib.recipe import DistillSpec, OptimSpec, spec_from
 
 
-def _ramp(epoch: int, warmup_epochs: int) -> float:
-    """min(1, (e + 1) / max(1, W))."""
+def ramp(epoch: int, warmup_epochs: int) -> float:
+    """min(1, (e + 1) / max(1, W)): the share of a term at epoch ``e`` of a ``W``-epoch warm-up."""
     return min(1.0, (epoch + 1) / max(1, warmup_epochs))
-
-
-def get_beta(epoch: int, spec: DistillSpec | dict[str, Any]) -> float:
-    """IB weight of A-step epoch ``epoch`` (counted over all stages); 0 with the IB off."""
-    spec = spec_from(DistillSpec, spec)
-    if not spec.ib:
-        return 0.0
-    return spec.ib_beta * _ramp(epoch, spec.ib_beta_warmup_epochs)
 
 
 def get_tau(epoch: int, spec: DistillSpec | dict[str, Any], total_student_epochs: int) -> float:
@@ -40,24 +32,6 @@ def get_tau(epoch: int, spec: DistillSpec | dict[str, Any], total_student_epochs
         return spec.tau_start
     frac = min(1.0, max(0.0, epoch / (total_student_epochs - 1)))
     return spec.tau_start + (spec.tau_end - spec.tau_start) * frac
-
-
-def cccp_ramp(epoch_since_start: int, spec: DistillSpec | dict[str, Any]) -> float:
-    """r(e) of the CCCP coupling, ``e`` counted from the stage where the coupling starts."""
-    spec = spec_from(DistillSpec, spec)
-    return _ramp(epoch_since_start, spec.cccp_ramp_epochs)
-
-
-def kd_warmup(epoch: int, spec: DistillSpec | dict[str, Any]) -> float:
-    """Linear ramp of both KD weights over ``kd_warmup_epochs`` student epochs (1 when 0)."""
-    spec = spec_from(DistillSpec, spec)
-    return _ramp(epoch, spec.kd_warmup_epochs)
-
-
-def dkd_warmup(epoch: int, spec: DistillSpec | dict[str, Any]) -> float:
-    """Linear ramp of the DKD term over ``dkd.warmup_epochs`` student epochs (1 when 0)."""
-    spec = spec_from(DistillSpec, spec)
-    return _ramp(epoch, spec.dkd.warmup_epochs)
 
 
 def lr_lambda(

@@ -32,10 +32,10 @@ from asib.models.registry import (
     is_known_model,
     list_models,
     model_from_spec,
-    register_model,
     zoo_feature_dims,
 )
 from asib.models.weights import LoadReport, load_weights, read_state_dict
+from asib.models.zoo import register_model
 
 __all__ = [
     "IBMBM",

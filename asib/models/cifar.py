@@ -30,7 +30,7 @@ from asib.models.classifier import (
     assemble_blocks,
     init_conv_bn,
 )
-from asib.models.registry import register_model
+from asib.models.zoo import register_model
 
 CIFAR_CFG = ModelCfg("zoo", CIFAR100_MEAN, CIFAR100_STD, (3, 32, 32))
 

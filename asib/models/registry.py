@@ -10,13 +10,12 @@ A name resolves in this order:
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from asib.errors import ModelError, RecipeError, did_you_mean
+from asib.models import cifar  # noqa: F401  (registers the zoo)
 from asib.models.classifier import FeatureClassifier, TimmClassifier, TorchvisionClassifier
 from asib.models.weights import (
     check_torchvision_pretrained,
@@ -24,48 +23,14 @@ from asib.models.weights import (
     load_weights,
     timm_pretrained_overlay,
 )
+from asib.models.zoo import ZOO, ZooEntry
 from asib.recipe import ModelSpec, Recipe
 
 Source = Literal["zoo", "tv", "timm"]
-Builder = Callable[..., Any]
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    """A registered zoo model: its builder and the feature width it produces."""
-
-    name: str
-    builder: Builder
-    feature_dim: int | None
-
-
-_ZOO: dict[str, ZooEntry] = {}
-
-
-def register_model(
-    name: str | Builder | None = None, *, feature_dim: int | None = None
-) -> Callable[[Builder], Builder] | Builder:
-    """Register a zoo builder ``fn(num_classes, drop_rate=0.0, arch=name, **kw)``.
-
-    Use as ``@register_model`` (the function's name) or ``@register_model("name", feature_dim=64)``.
-    """
-    if callable(name):
-        return register_model(None)(name)
-
-    def wrap(fn: Builder) -> Builder:
-        key = name or fn.__name__
-        if key in _ZOO:
-            raise ValueError(f"zoo model '{key}' is registered twice")
-        _ZOO[key] = ZooEntry(key, fn, feature_dim)
-        return fn
-
-    return wrap
 
 
 def _zoo() -> dict[str, ZooEntry]:
-    import asib.models.cifar  # noqa: F401  (registers the zoo on first import)
-
-    return _ZOO
+    return ZOO
 
 
 def zoo_feature_dims() -> dict[str, int | None]:

@@ -129,6 +129,12 @@ def disagreement_weights(
     return torch.where(hit, high, low)
 
 
+def disagreement_share(teacher_logits: Sequence[Tensor]) -> Tensor:
+    """Share of the batch on which the teachers' argmaxes differ (a device tensor, for the log)."""
+    preds = torch.stack([t.argmax(dim=-1) for t in teacher_logits])
+    return (preds != preds[0:1]).any(0).float().mean()
+
+
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     """sum(w * v) / sum(w): the weights reshape the term, they do not rescale it.
 

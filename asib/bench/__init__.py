@@ -4,7 +4,7 @@ On the recipe's models and data (or synthetic images of the same shape), in one 
 
 1. data: the in-memory loader (recipe augmentation) vs a torchvision ``DataLoader`` with
    PIL transforms over the same images, with 0 and 2 workers;
-2. steps: ``CETraining.step`` (first teacher), the ASIB A-step and B-step and a ``kd`` step,
+2. steps: ``CETask.step`` (first teacher), the ASIB A-step and B-step and a ``kd`` step,
    each with the loop's per-step metric accumulation, vs a bare loop in this file doing the
    same forward, losses, backward and optimizer step with plain torch ops, on copies of the
    same models, the same batches, precision and memory format (and ``torch.compile`` when
@@ -45,17 +45,20 @@ from torch import nn
 
 from asib.data import Batch, DatasetInfo, InMemoryLoader, load_info, load_split
 from asib.engine.checkpoint import load_model, read_info
-from asib.engine.distill import DistillTraining
-from asib.engine.distiller import ASIBDistiller
-from asib.engine.finetune import CETraining
 from asib.engine.loaders import SplitLoaders
 from asib.engine.loop import EpochPlan, MetricSums
 from asib.engine.progress import Progress
 from asib.engine.runtime import Runtime, inference_autocast, make_runtime, set_random_seed
-from asib.engine.schedules import cccp_ramp, get_beta, get_tau, kd_warmup
+from asib.engine.schedules import get_tau, ramp
 from asib.errors import DataError
-from asib.models import build_ib_mbm_from_teachers, create_model
-from asib.recipe import AugmentSpec, ModelSpec, OptimSpec, Recipe
+from asib.methods import build_method
+from asib.methods.asib import ASIB, cccp_ramp, get_beta
+from asib.methods.base import frozen_outputs
+from asib.methods.kd import resolve_teacher
+from asib.models import create_model
+from asib.pipeline.distill import DistillTask
+from asib.pipeline.finetune import CETask
+from asib.recipe import AugmentSpec, DistillSpec, ModelSpec, OptimSpec, Recipe, distill_for_method
 
 Step = Callable[[Batch], Any]
 
@@ -396,7 +399,7 @@ def bare_a_step(student: nn.Module, teachers: list[nn.Module], ib: nn.Module, he
             z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if ib.ib else mu
             g = head(z).float()
         mu, logvar = mu.float(), logvar.float()
-        loss = F.cross_entropy(g, batch.y, label_smoothing=spec.synergy_label_smoothing)
+        loss = bare_ce(g, batch, spec.synergy_label_smoothing)
         loss = loss + beta * (0.5 * (mu.square() + logvar.exp() - logvar - 1)).sum(-1).mean()
         if cccp_w > 0:
             log_g = F.log_softmax(g / tau, dim=-1)
@@ -410,13 +413,17 @@ def bare_a_step(student: nn.Module, teachers: list[nn.Module], ib: nn.Module, he
 
 
 def bare_b_step(student: nn.Module, teachers: list[nn.Module], ib: nn.Module, head: nn.Module,
-                recipe: Recipe, ep: EpochPlan, bare: Bare) -> Step:
-    """Student learns: CE + KD to the teacher average + KD to the noise-averaged synergy target."""
+                recipe: Recipe, ep: EpochPlan, bare: Bare, fusion: list[nn.Module] | None = None) -> Step:
+    """Student learns: CE + KD to the teacher average + KD to the noise-averaged synergy target.
+
+    ``fusion``: the synergy path's adapted teacher copies when blocks were unfrozen (the
+    teacher average still comes from ``teachers``)."""
     spec = recipe.distill
     s_feat, t_feats = bare.features(student), [bare.features(t) for t in teachers]
+    f_feats = [bare.features(t) for t in fusion] if fusion is not None else None
     opt = bare_optimizer(student.parameters(), spec.student_optim)
     tau = get_tau(ep.phase_epoch, spec, sum(spec.stage_epochs()))
-    ramp = kd_warmup(ep.phase_epoch, spec)
+    warm = ramp(ep.phase_epoch, spec.kd_warmup_epochs)
     weights = spec.teacher_weights or [1.0] * len(teachers)
     pi = [w / sum(weights) for w in weights]
     samples = spec.ib_target_samples if ib.ib and spec.synergy_target == "noise_avg" else 0
@@ -434,6 +441,8 @@ def bare_b_step(student: nn.Module, teachers: list[nn.Module], ib: nn.Module, he
             with torch.inference_mode(), bare.teacher_autocast():
                 feats = [f(batch.x) for f in t_feats]
                 t_logits = [t.head(h) for t, h in zip(teachers, feats, strict=True)]
+                if f_feats is not None:
+                    feats = [f(batch.x) for f in f_feats]
             with torch.no_grad():
                 mu, logvar = bare_fusion(ib, h_s, feats)
                 if samples:
@@ -451,7 +460,7 @@ def bare_b_step(student: nn.Module, teachers: list[nn.Module], ib: nn.Module, he
             w = disagreement(t_logits, batch.y)
             kd_ens = (w * F.kl_div(log_s, q, reduction="none").sum(-1)).sum() / w.sum()
         ce = bare_ce(s, batch, spec.label_smoothing)
-        loss = spec.ce_alpha * ce + ramp * tau * tau * (spec.kd_alpha * kd + spec.kd_ens_alpha * kd_ens)
+        loss = spec.ce_alpha * ce + warm * tau * tau * (spec.kd_alpha * kd + spec.kd_ens_alpha * kd_ens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -460,13 +469,12 @@ def bare_b_step(student: nn.Module, teachers: list[nn.Module], ib: nn.Module, he
     return step
 
 
-def bare_kd_step(student: nn.Module, teacher: nn.Module, recipe: Recipe, ep: EpochPlan, bare: Bare) -> Step:
+def bare_kd_step(student: nn.Module, teacher: nn.Module, spec: DistillSpec, ep: EpochPlan, bare: Bare) -> Step:
     """Classic KD from one teacher: CE + tau^2 KL(p_t || p_s)."""
-    spec = recipe.distill
     forward, t_feat = (torch.compile(student) if bare.compile else student), bare.features(teacher)
     opt = bare_optimizer(student.parameters(), spec.student_optim)
     tau = get_tau(ep.phase_epoch, spec, sum(spec.stage_epochs()))
-    weight = kd_warmup(ep.phase_epoch, spec) * (spec.kd_alpha + spec.kd_ens_alpha) * tau * tau
+    weight = ramp(ep.phase_epoch, spec.kd_warmup_epochs) * spec.kd_alpha * tau * tau
 
     def step(batch: Batch) -> torch.Tensor:
         with bare.autocast():
@@ -487,14 +495,14 @@ def bare_kd_step(student: nn.Module, teacher: nn.Module, recipe: Recipe, ep: Epo
 # ------------------------------------------------------------------ the engine under test
 
 
-def engine_step(method: Any, ep: EpochPlan) -> Step:
-    """The loop's work per batch: the method's step, then the on-device metric sums."""
-    method.begin_epoch(ep)
+def engine_step(task: Any, ep: EpochPlan) -> Step:
+    """The loop's work per batch: the task's step, then the on-device metric sums."""
+    task.begin_epoch(ep)
     sums = MetricSums()
     counter = itertools.count()
 
     def step(batch: Batch) -> None:
-        sums.add(method.step(ep, batch), batch.y.shape[0], next(counter))
+        sums.add(task.step(ep, batch), batch.y.shape[0], next(counter))
 
     return step
 
@@ -506,30 +514,27 @@ def _noop(*_args: Any) -> None:
 def engine_finetune(setting: Setting, runtime: Runtime, loader: InMemoryLoader) -> Step:
     spec = setting.recipe.teachers[0].train
     model = copy.deepcopy(setting.teachers[0])
-    method = CETraining(model, spec, setting.split_loaders(loader), runtime, _noop)
-    return engine_step(method, method.plan()[0])
+    task = CETask(model, spec, setting.split_loaders(loader), runtime, _noop)
+    return engine_step(task, task.plan()[0])
 
 
-def distill_training(setting: Setting, runtime: Runtime, loader: InMemoryLoader, method: str,
-                     teachers: list[nn.Module], student: nn.Module) -> DistillTraining:
-    spec = setting.recipe.distill.model_copy(update={"method": method})
-    ib = head = None
-    if method == "asib":
-        ib, head = build_ib_mbm_from_teachers(teachers, student, spec)
-        ib, head = ib.to(runtime.device), head.to(runtime.device)
-    kd_teacher = _kd_teacher(setting.recipe)
-    distiller = ASIBDistiller(teachers, student, ib, head, spec, kd_teacher=kd_teacher)
-    return DistillTraining(distiller, spec, setting.split_loaders(loader), runtime, [], _noop, Progress(enabled=False))
+def method_spec(recipe: Recipe, method: str) -> DistillSpec:
+    """The recipe's distill section as ``method`` reads it (another method's knobs left out)."""
+    return DistillSpec.model_validate(distill_for_method(recipe.distill.model_dump(exclude_unset=True), method))
 
 
-def _kd_teacher(recipe: Recipe) -> int:
-    key = recipe.distill.kd_teacher
-    return key if isinstance(key, int) else [t.name for t in recipe.teachers].index(key)
+def distill_task(setting: Setting, runtime: Runtime, loader: InMemoryLoader, method: str,
+                 teachers: list[nn.Module], student: nn.Module) -> DistillTask:
+    spec = method_spec(setting.recipe, method)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        m = build_method(spec, teachers, student, [t.name for t in setting.recipe.teachers]).to(runtime.device)
+    return DistillTask(m, setting.split_loaders(loader), runtime, _noop, Progress(enabled=False))
 
 
-def last_epoch(training: DistillTraining, phase: str) -> EpochPlan | None:
+def last_epoch(task: DistillTask, phase: str) -> EpochPlan | None:
     """The plan's last epoch of a phase: every term that can be on (CCCP from stage 2) is on."""
-    eps = [ep for ep in training.plan() if ep.phase == phase]
+    eps = [ep for ep in task.plan() if ep.phase == phase]
     return eps[-1] if eps else None
 
 
@@ -582,7 +587,7 @@ def compare_steps(setting: Setting, cfg: BenchConfig, meter: MemoryMeter, say: C
         spec = recipe.teachers[0].train
         loader = setting.loader(spec.batch_size, spec.augment)
         batches = take_batches(loader, cfg.steps)
-        run("finetune", f"CETraining.step on {recipe.teachers[0].name}",
+        run("finetune", f"CETask.step on {recipe.teachers[0].name}",
             lambda rt: engine_finetune(setting, rt, loader),
             bare_finetune(copy.deepcopy(setting.teachers[0]), spec, bare), batches)
     if setting.student is None or not setting.teachers:
@@ -591,35 +596,43 @@ def compare_steps(setting: Setting, cfg: BenchConfig, meter: MemoryMeter, say: C
     batches = take_batches(loader, cfg.steps)
     runtimes = [rt for rt in (runtime, eager_rt) if rt is not None]
     if len(setting.teachers) >= 2:
-        trainings = {rt: distill_training(setting, rt, loader, "asib", *_copies(setting)) for rt in runtimes}
-        ref = trainings[runtime]
+        tasks = {rt: distill_task(setting, rt, loader, "asib", *_copies(setting)) for rt in runtimes}
+        ref = tasks[runtime]
         phases = [(phase, ep) for phase in ("A", "B") if (ep := last_epoch(ref, phase)) is not None]
         twins = {phase: _twin(ref, ep) for phase, ep in phases}  # before any engine step prepares a model
         for phase, ep in phases:
-            make_bare = bare_a_step if phase == "A" else bare_b_step
+            student, teachers, fusion, ib, head = twins[phase]
+            if phase == "A":
+                bare_step = bare_a_step(student, fusion or teachers, ib, head, recipe, ep, bare)
+            else:
+                bare_step = bare_b_step(student, teachers, ib, head, recipe, ep, bare, fusion)
             what = {"A": "fusion learns", "B": "the student learns"}[phase]
             run(f"asib {phase}-step", f"stage {ep.stage + 1} {phase}-step: {what}, {len(setting.teachers)} teachers",
-                lambda rt, ep=ep: engine_step(trainings[rt], ep), make_bare(*twins[phase], recipe, ep, bare), batches)
-    kd_index = _kd_teacher(recipe)
-    kd_trainings = {rt: distill_training(setting, rt, loader, "kd", *_copies(setting)) for rt in runtimes}
-    kd_ep = last_epoch(kd_trainings[runtime], "B")
+                lambda rt, ep=ep: engine_step(tasks[rt], ep), bare_step, batches)
+    kd_spec = method_spec(recipe, "kd")
+    kd_index = resolve_teacher(kd_spec.kd_teacher, [t.name for t in recipe.teachers])
+    kd_tasks = {rt: distill_task(setting, rt, loader, "kd", *_copies(setting)) for rt in runtimes}
+    kd_ep = last_epoch(kd_tasks[runtime], "B")
     if kd_ep is None:
         return out
-    student, teachers, _, _ = _twin(kd_trainings[runtime], kd_ep)
+    student, teachers, _, _, _ = _twin(kd_tasks[runtime], kd_ep)
     run("kd step", f"method kd from {recipe.teachers[kd_index].name}; the bare loop forwards only that teacher",
-        lambda rt: engine_step(kd_trainings[rt], kd_ep),
-        bare_kd_step(student, teachers[kd_index], recipe, kd_ep, bare), batches)
+        lambda rt: engine_step(kd_tasks[rt], kd_ep),
+        bare_kd_step(student, teachers[kd_index], kd_spec, kd_ep, bare), batches)
     return out
 
 
-def _twin(training: DistillTraining, ep: EpochPlan) -> tuple[nn.Module, list[nn.Module], Any, Any]:
+def _twin(task: DistillTask, ep: EpochPlan) -> tuple[nn.Module, list[nn.Module], list[nn.Module] | None, Any, Any]:
     """Copies of the engine's models as its ``begin_epoch`` leaves them for ``ep``: train/eval
-    modes, frozen blocks and frozen norms included, so the bare loop computes the same.
+    modes, frozen blocks and frozen norms included, so the bare loop computes the same:
+    (student, teachers, the synergy path's adapted teachers or None, IB_MBM, synergy head).
     Taken before the engine's first step (a prepared model may carry a compiled ``features``)."""
-    training.begin_epoch(ep)
-    d = training.d
-    return (copy.deepcopy(d.student), [copy.deepcopy(t) for t in d.teachers],
-            copy.deepcopy(d.ib_mbm), copy.deepcopy(d.synergy_head))
+    task.begin_epoch(ep)
+    m = task.m
+    fusion = getattr(m, "fusion_teachers", None)
+    return (copy.deepcopy(m.student), [copy.deepcopy(t) for t in m.teachers],
+            [copy.deepcopy(t) for t in fusion] if fusion is not None else None,
+            copy.deepcopy(getattr(m, "ib_mbm", None)), copy.deepcopy(getattr(m, "synergy_head", None)))
 
 
 def _copies(setting: Setting) -> tuple[list[nn.Module], nn.Module]:
@@ -692,20 +705,21 @@ def breakdown(setting: Setting, cfg: BenchConfig, meter: MemoryMeter) -> dict[st
         return out
     loader = setting.loader(recipe.distill.batch_size, recipe.distill.augment)
     batches = take_batches(loader, cfg.steps)
-    training = distill_training(setting, runtime, loader, "asib", *_copies(setting))
-    d = training.d
-    runtime.prepare(d.student, *d.teachers)
+    task = distill_task(setting, runtime, loader, "asib", *_copies(setting))
+    d = task.m
+    assert isinstance(d, ASIB)
+    runtime.prepare(*d.models())
     for phase in ("A", "B"):
-        ep = last_epoch(training, phase)
+        ep = last_epoch(task, phase)
         if ep is None:
             continue
-        training.begin_epoch(ep)
+        task.begin_epoch(ep)
         with torch.no_grad(), runtime.autocast(), runtime.inference_precision():
-            feats = d.teacher_outputs(batches[0].x)[0]
+            feats = frozen_outputs(d.synergy_teachers, batches[0].x)[0]
             h_s = d.student.features(batches[0].x)
         feats = [f.clone() for f in feats]  # inference tensors cannot be saved for the fusion's backward
         parts: dict[str, Step] = {"data": _data_part(loader)}
-        for spec_t, t in zip(recipe.teachers, d.teachers, strict=True):
+        for spec_t, t in zip(recipe.teachers, d.synergy_teachers, strict=True):
             if phase == "A" and any(p.requires_grad for p in t.parameters()):
                 parts[f"teacher {spec_t.name} forward+backward (unfrozen blocks)"] = _teacher_train(t, runtime)
                 continue
@@ -715,11 +729,11 @@ def breakdown(setting: Setting, cfg: BenchConfig, meter: MemoryMeter) -> dict[st
         if phase == "A":
             parts["student forward (no grad)"] = _student_fwd(d.student, runtime)
             parts["fusion forward+backward"] = _fusion_a(d, h_s, feats, runtime)
-            parts["optimizer (teacher side)"] = _opt_step(training.teacher_opt, training.teacher_sched)
+            parts["optimizer (teacher side)"] = _opt_step(task.optimizers["A"], task.schedulers["A"])
         else:
             parts["student forward+backward"] = _fwd_bwd(d.student, runtime, recipe.distill.label_smoothing)
             parts["fusion forward + synergy target"] = _fusion_b(d, h_s, feats, runtime)
-            parts["optimizer (student)"] = _opt_step(training.student_opt, training.student_sched)
+            parts["optimizer (student)"] = _opt_step(task.optimizers["B"], task.schedulers["B"])
         out[f"asib {phase}-step"] = _ms(measure(parts, batches, cfg, runtime.device, meter))
     return out
 
@@ -784,9 +798,9 @@ def _student_fwd(student: nn.Module, runtime: Runtime) -> Step:
     return step
 
 
-def _fusion_a(d: ASIBDistiller, h_s: torch.Tensor, feats: list[torch.Tensor], runtime: Runtime) -> Step:
+def _fusion_a(d: ASIB, h_s: torch.Tensor, feats: list[torch.Tensor], runtime: Runtime) -> Step:
     """IB_MBM + synergy head forward, CE + KL, backward: the A-step's trainable part."""
-    from asib.engine.losses import cross_entropy, ib_kl
+    from asib.methods.losses import cross_entropy, ib_kl
 
     def step(batch: Batch) -> None:
         d.ib_mbm.zero_grad(set_to_none=True)
@@ -799,7 +813,7 @@ def _fusion_a(d: ASIBDistiller, h_s: torch.Tensor, feats: list[torch.Tensor], ru
     return step
 
 
-def _fusion_b(d: ASIBDistiller, h_s: torch.Tensor, feats: list[torch.Tensor], runtime: Runtime) -> Step:
+def _fusion_b(d: ASIB, h_s: torch.Tensor, feats: list[torch.Tensor], runtime: Runtime) -> Step:
     """IB_MBM forward and the noise-averaged synergy target, without gradients."""
     from asib.models import synergy_target
 

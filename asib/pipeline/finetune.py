@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,18 +10,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from asib.data import Batch, InMemoryLoader
-from asib.engine.checkpoint import save_model
+from asib.data import Batch
+from asib.engine.checkpoint import checkpoint_extras, load_model, save_model
 from asib.engine.distributed import convert_sync_bn, init_distributed, route, unwrap
-from asib.engine.evaluate import EvalResult, evaluate_predictor, top1_of
 from asib.engine.loaders import SplitLoaders, split_loaders
 from asib.engine.loop import EpochPlan, LoopConfig, run_plan
-from asib.engine.losses import cross_entropy
+from asib.engine.metrics import EvalResult, evaluate_predictor, top1_of
 from asib.engine.optim import build_optimizer, build_scheduler
 from asib.engine.progress import Progress
-from asib.engine.run import RunFolder
+from asib.engine.runfolder import RunFolder
 from asib.engine.runtime import Runtime, make_runtime, set_random_seed
 from asib.errors import DataError
+from asib.methods.losses import cross_entropy
 from asib.recipe import Recipe, TeacherSpec, TrainSpec
 
 
@@ -34,7 +35,7 @@ class FinetuneResult:
     seconds: float
 
 
-class CETraining:
+class CETask:
     """Cross-entropy training of one model; keeps the best-on-val weights."""
 
     def __init__(
@@ -55,8 +56,11 @@ class CETraining:
     def plan(self) -> list[EpochPlan]:
         return [EpochPlan(e, "train", 0, e, e) for e in range(self.spec.epochs)]
 
-    def loader(self, ep: EpochPlan) -> InMemoryLoader:
-        return self.loaders.train
+    def steps(self, ep: EpochPlan) -> int:
+        return len(self.loaders.train)
+
+    def batches(self, ep: EpochPlan, start: int = 0) -> Iterator[Batch]:
+        return self.loaders.train.batches(ep.index, start)
 
     def begin_epoch(self, ep: EpochPlan) -> None:
         self.model.train()
@@ -106,19 +110,6 @@ class CETraining:
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
 
 
-def checkpoint_extras(recipe: Recipe, loaders: SplitLoaders, **more: Any) -> dict[str, Any]:
-    """Metadata that travels with every model checkpoint: classes, normalisation, recipe."""
-    info = loaders.info
-    return {
-        "classes": list(info.classes),
-        "mean": list(info.mean),
-        "std": list(info.std),
-        "image_size": list(info.image_size),
-        "recipe": recipe.model_dump(mode="json"),
-        **more,
-    }
-
-
 def check_classes(model: nn.Module, num_classes: int, what: str) -> None:
     if model.num_classes != num_classes:
         raise DataError(f"{what} has {model.num_classes} classes but the data has {num_classes}")
@@ -153,22 +144,20 @@ def finetune_teacher(
         recipe.seed, dist.rank, dist.world_size,
     )
     checkpoint = recipe.teacher_checkpoint(teacher)
-    extras = checkpoint_extras(recipe, loaders, teacher=teacher.name)
+    extras = checkpoint_extras(recipe, loaders.info, teacher=teacher.name)
 
     def save_best(m: nn.Module, val: float | None, epoch: int) -> None:
         if dist.is_main:
             save_model(checkpoint, unwrap(m), "teacher", {**extras, "val_top1": val, "epoch": epoch})
 
-    method = CETraining(route(model, dist), spec, loaders, runtime, save_best)
+    task = CETask(route(model, dist), spec, loaders, runtime, save_best)
     dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     folder.start(recipe.to_yaml(), force=force, resume=resume)
-    plan = run_plan(method, folder, progress, runtime.device, resume=resume, config=loop,
+    plan = run_plan(task, folder, progress, runtime.device, resume=resume, config=loop,
                     summary_keys=["epoch", "loss", "val_top1", "lr"], dist=dist)
     if dist.is_main:
         save_model(folder.path / "last.safetensors", model, "teacher", {**extras, "epoch": spec.epochs})
     dist.barrier()  # the best checkpoint is on disk for every rank
-
-    from asib.engine.checkpoint import load_model
 
     best, _ = load_model(checkpoint, device=runtime.device)
     test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes)
@@ -177,12 +166,12 @@ def finetune_teacher(
         "teacher": teacher.name,
         "arch": teacher.arch,
         "checkpoint": str(checkpoint),
-        "val_top1": method.best_val,
+        "val_top1": task.best_val,
         "test_top1": test.top1,
         "test_top5": test.top5,
-        "best_epoch": method.best_epoch,
+        "best_epoch": task.best_epoch,
         "epochs": spec.epochs,
         "seconds": round(seconds, 2),
     })
     folder.finish()
-    return FinetuneResult(folder.path, checkpoint, method.best_val, test, spec.epochs, seconds)
+    return FinetuneResult(folder.path, checkpoint, task.best_val, test, spec.epochs, seconds)

@@ -1,0 +1,310 @@
+"""``method: asib``: teachers fused by the student-queried IB_MBM into a synergy head, and the
+student taught by it (METHOD.md).
+
+Per stage, A-steps train the teacher side (adapters, IB_MBM, synergy head, and the teacher
+blocks ``teacher_freeze_schedule`` unfreezes) with the student fixed; then B-steps train the
+student toward the teacher average and the synergy target. Every term is logged separately.
+
+Unfrozen teacher blocks serve the synergy path only: they train in copies of the teachers,
+while the teacher average, the disagreement weights and the gate's weakest teacher use the
+original teachers throughout; ``synergy.safetensors`` stores the adapted blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from asib.data import Batch, InMemoryLoader
+from asib.engine.checkpoint import load_synergy_predictor, read_info, save_synergy
+from asib.engine.loop import EpochPlan
+from asib.engine.metrics import evaluate_predictor, top1_of
+from asib.engine.schedules import ramp
+from asib.methods.base import (
+    Artifacts,
+    DistillMethod,
+    Terms,
+    accuracy_term,
+    dominant_labels,
+    frozen_outputs,
+)
+from asib.methods.losses import (
+    cccp_loss,
+    cross_entropy,
+    disagreement_share,
+    disagreement_weights,
+    ib_kl,
+    kd_loss_fn,
+    kd_to_distribution,
+    teacher_average,
+    weighted_mean,
+)
+from asib.models import (
+    apply_freeze_level,
+    build_ib_mbm_from_teachers,
+    setup_partial_freeze_schedule,
+    synergy_target,
+)
+from asib.recipe import DistillSpec, OptimSpec, spec_from
+
+SYNERGY_FILE = "synergy.safetensors"
+
+
+def get_beta(epoch: int, spec: DistillSpec | dict[str, Any]) -> float:
+    """IB weight of A-step epoch ``epoch`` (counted over all stages); 0 with the IB off."""
+    spec = spec_from(DistillSpec, spec)
+    if not spec.ib:
+        return 0.0
+    return spec.ib_beta * ramp(epoch, spec.ib_beta_warmup_epochs)
+
+
+def cccp_ramp(epoch_since_start: int, spec: DistillSpec | dict[str, Any]) -> float:
+    """r(e) of the CCCP coupling, ``e`` counted from the stage where the coupling starts."""
+    spec = spec_from(DistillSpec, spec)
+    return ramp(epoch_since_start, spec.cccp_ramp_epochs)
+
+
+def gate_margin(weakest_top1: float, n: int) -> float:
+    """Two standard errors (in points) of an accuracy of ``weakest_top1`` % measured on ``n`` images."""
+    a = min(max(weakest_top1 / 100.0, 0.0), 1.0)
+    return 200.0 * math.sqrt(a * (1.0 - a) / n) if n > 0 else 0.0
+
+
+class ASIB(DistillMethod):
+    """Teachers, student, IB_MBM and synergy head, and the losses that tie them."""
+
+    name = "asib"
+    min_teachers = 2
+    artifact_names = (SYNERGY_FILE,)
+
+    def __init__(
+        self,
+        teachers: Sequence[nn.Module],
+        student: nn.Module,
+        spec: DistillSpec,
+        teacher_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__(teachers, student, spec, teacher_names)
+        _, self.teacher_levels = setup_partial_freeze_schedule(spec, spec.num_stages)
+        # The synergy path's teachers: copies whose unfrozen blocks train, or the frozen teachers.
+        adapts = any(level != 0 for level in self.teacher_levels)
+        self.fusion_teachers = nn.ModuleList(copy.deepcopy(t) for t in teachers) if adapts else None
+        self.ib_mbm, self.synergy_head = build_ib_mbm_from_teachers(teachers, student, spec)
+        self.first_stage_a_epochs = spec.synergy_warmup_epochs + spec.teacher_adapt_epochs
+        self.gate_open = True  # set at each stage's first B-epoch from the synergy head's val accuracy
+        self.gate_log: list[bool] = []
+        self.synergy_val: float | None = None
+
+    # ------------------------------------------------------------ what trains
+
+    def a_epochs(self, stage: int) -> int:
+        return self.spec.teacher_adapt_epochs + (self.spec.synergy_warmup_epochs if stage == 0 else 0)
+
+    def optim_groups(self) -> dict[str, tuple[list[nn.Module], OptimSpec]]:
+        side: list[nn.Module] = [self.ib_mbm, self.synergy_head, *(self.fusion_teachers or [])]
+        return {"A": (side, self.spec.teacher_optim), "B": ([self.student], self.spec.student_optim)}
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {"student": self.student, "ib_mbm": self.ib_mbm, "head": self.synergy_head}
+        if self.fusion_teachers is not None:
+            out["fusion_teachers"] = self.fusion_teachers
+        return out
+
+    def models(self) -> list[nn.Module]:
+        return [*super().models(), *(self.fusion_teachers or [])]
+
+    @property
+    def synergy_teachers(self) -> nn.ModuleList:
+        """The teachers on the synergy path (adapted copies when blocks unfreeze)."""
+        return self.fusion_teachers if self.fusion_teachers is not None else self.teachers
+
+    # ------------------------------------------------------------ epochs
+
+    def begin_epoch(self, ep: EpochPlan) -> None:
+        if self.fusion_teachers is not None:
+            for teacher in self.fusion_teachers:
+                apply_freeze_level(teacher, self.teacher_levels[ep.stage], train_head=False)
+        self.teachers.eval()
+        if ep.phase == "A":
+            self.student.eval()
+            for teacher in self.fusion_teachers or []:
+                teacher.train(any(p.requires_grad for p in teacher.parameters()))
+            self.ib_mbm.train()
+            self.synergy_head.train()
+            return
+        self.student.train()
+        self.synergy_teachers.eval()
+        self.ib_mbm.eval()
+        self.synergy_head.eval()
+        if ep.stage_epoch == 0:
+            self._set_gate(ep)
+
+    def _set_gate(self, ep: EpochPlan) -> None:
+        """Keep the synergy term unless the synergy head is below the weakest teacher on val by
+        more than two standard errors of the split (METHOD.md); without a val split it stays on."""
+        ctx = self.ctx
+        teacher_val = ctx.teacher_val if ctx is not None else []
+        n = ctx.val.num_images if ctx is not None and ctx.val is not None else 0
+        weakest = min(teacher_val) if teacher_val else 0.0
+        margin = gate_margin(weakest, n)
+        judged = self.spec.synergy_gate and self.synergy_val is not None and bool(teacher_val)
+        self.gate_open = not judged or self.synergy_val >= weakest - margin
+        del self.gate_log[ep.stage:]  # one entry per stage; a resume that repeats a stage's first epoch overwrites it
+        self.gate_log.append(self.gate_open)
+        if not self.gate_open and ctx is not None:
+            ctx.say(
+                f"synergy gate closed for stage {ep.stage + 1}: synergy val top-1 {self.synergy_val:.2f} < weakest "
+                f"teacher {weakest:.2f} - {margin:.2f} (two standard errors); its KD weight moves to the teacher average"
+            )
+
+    def end_epoch(self, ep: EpochPlan, record: dict[str, Any]) -> dict[str, Any]:
+        ctx = self.ctx
+        if ep.phase == "A":
+            if ctx is None or ctx.val is None:
+                return {}
+            self.synergy_val = round(top1_of(self._predict_synergy, ctx.val.batches(0)), 4)
+            return {"synergy_val_top1": self.synergy_val}
+        out: dict[str, Any] = {"gate_open": self.gate_open}
+        if self.spec.disagreement != "none" and record.get("weighted_share", 1.0) == 0.0:
+            out["warning"] = "no sample got a disagreement weight: the teachers are right on every image"
+            if ctx is not None:
+                ctx.say(f"warning: {out['warning']}")
+        return out
+
+    def _predict_synergy(self, x: Tensor) -> Tensor:
+        modes = {m: m.training for m in (self.student, self.ib_mbm, self.synergy_head, self.synergy_teachers)}
+        for m in modes:
+            m.eval()
+        try:
+            autocast = self.ctx.runtime.autocast() if self.ctx is not None else torch.autocast("cpu", enabled=False)
+            with autocast:
+                return self.synergy_logits(x)
+        finally:
+            for m, flag in modes.items():
+                m.train(flag)
+
+    def synergy_logits(self, x: Tensor) -> Tensor:
+        """Logits of the fused teachers queried by the student (the evaluable ensemble)."""
+        feats, _ = frozen_outputs(self.synergy_teachers, x)
+        return self.synergy_head(self.ib_mbm(self.student.features(x), feats).mu)
+
+    # ------------------------------------------------------------ the two steps
+
+    def forward(self, ep: EpochPlan, batch: Batch) -> Terms:
+        return self.a_step(ep, batch) if ep.phase == "A" else self.b_step(ep, batch)
+
+    def _fusion_features(self, x: Tensor) -> list[Tensor]:
+        """The synergy path's teacher features; gradients reach the blocks that train."""
+        feats = []
+        for teacher in self.synergy_teachers:
+            if torch.is_grad_enabled() and any(p.requires_grad for p in teacher.parameters()):
+                feats.append(teacher.features(x))
+            else:
+                feats.append(frozen_outputs([teacher], x)[0][0])
+        return feats
+
+    def a_step(self, ep: EpochPlan, batch: Batch) -> Terms:
+        """Teacher side learns: CE on synergy logits + beta * KL_IB (+ CCCP coupling). Student fixed."""
+        spec = self.spec
+        with torch.no_grad():
+            h_s = self.student.features(batch.x)
+            s = self.student.head(h_s).float()
+        out = self.ib_mbm(h_s, self._fusion_features(batch.x))
+        g = self.synergy_head(out.z).float()
+        ce = cross_entropy(g, batch.y, spec.synergy_label_smoothing, batch.y2, batch.lam)
+        ce_only = ep.stage == 0 and ep.stage_epoch < spec.synergy_warmup_epochs
+        beta = 0.0 if ce_only else get_beta(ep.phase_epoch, spec)
+        kl = ib_kl(out.mu, out.logvar)
+        tau = self.tau_at(sum(spec.stage_epochs()[: ep.stage]))
+        cccp_w = 0.0
+        if spec.cccp and ep.stage >= 1 and not ce_only:
+            cccp_w = spec.effective_cccp_alpha * cccp_ramp(ep.phase_epoch - self.first_stage_a_epochs, spec)
+        coupling = cccp_loss(g, s, tau) if cccp_w > 0 else torch.zeros((), device=g.device)
+        terms: Terms = {
+            "loss": ce + beta * kl + cccp_w * coupling,
+            "syn_ce": ce.detach(),
+            "ib_kl": kl.detach(),
+            "cccp": coupling.detach(),
+            "beta": float(beta),
+            "cccp_w": float(cccp_w),
+            "tau": float(tau),
+            "syn_train_acc": accuracy_term(g, dominant_labels(batch)),
+        }
+        terms.update(attention_terms(out.attn))
+        return terms
+
+    def b_step(self, ep: EpochPlan, batch: Batch) -> Terms:
+        """Student learns: CE + KD to the teacher average + weighted KD to the synergy target."""
+        spec, x = self.spec, batch.x
+        h_s = self.student.features(x)
+        s = self.student.head(h_s).float()
+        tau = self.tau_at(ep.phase_epoch)
+        with torch.no_grad():
+            feats, t_logits = frozen_outputs(self.teachers, x)
+            if self.fusion_teachers is not None:  # adapted copies on the synergy path, originals for the rest
+                feats = frozen_outputs(self.fusion_teachers, x)[0]
+            out = self.ib_mbm(h_s.detach(), feats)
+            q = synergy_target(self.ib_mbm, self.synergy_head, out, tau, spec.ib_target_samples, mode=spec.synergy_target)
+            t_bar = teacher_average(t_logits, spec.teacher_weights)
+            w = disagreement_weights(t_logits, dominant_labels(batch), spec.disagreement, spec.lambda_high, spec.lambda_low)
+        ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
+        kd = kd_loss_fn(s, t_bar, tau)
+        kd_ens = weighted_mean(kd_to_distribution(s, q, tau, reduction="none"), w)
+        warm = self.kd_ramp(ep.phase_epoch)
+        kd_a, ens_a = spec.kd_alpha, spec.kd_ens_alpha
+        if not self.gate_open:  # synergy weaker than the weakest teacher: its weight moves to t_bar
+            kd_a, ens_a = kd_a + ens_a, 0.0
+        terms: Terms = {
+            "loss": spec.ce_alpha * ce + warm * (kd_a * kd + ens_a * kd_ens),
+            "ce": ce.detach(),
+            "kd": kd.detach(),
+            "kd_ens": kd_ens.detach(),
+            "tau": float(tau),
+            "kd_w": float(warm * kd_a),
+            "kd_ens_w": float(warm * ens_a),
+            "weighted_share": (w != 1).float().mean(),
+            "train_acc": accuracy_term(s, batch.y),
+            "disagree": disagreement_share(t_logits),
+        }
+        terms.update(attention_terms(out.attn))
+        return terms
+
+    # ------------------------------------------------------------ resume and artifacts
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"gate_open": self.gate_open, "gate_log": list(self.gate_log), "synergy_val": self.synergy_val}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.gate_open = bool(state["gate_open"])
+        self.gate_log = [bool(v) for v in state["gate_log"]]
+        self.synergy_val = state["synergy_val"]
+
+    def save_artifacts(self, where: Artifacts) -> None:
+        adapted = None
+        if self.fusion_teachers is not None:
+            adapted = [t.state_dict() for t in self.fusion_teachers]
+        save_synergy(
+            where.folder / SYNERGY_FILE, self.ib_mbm, self.synergy_head, where.teacher_paths, where.student,
+            self.spec, {"epoch": where.epoch}, adapted_teachers=adapted,
+        )
+
+    def test_figures(self, folder: Path, test: InMemoryLoader, num_classes: int) -> dict[str, Any]:
+        """The synergy ensemble as saved (its adapted teacher blocks included), on the test split."""
+        assert self.ctx is not None
+        predict = load_synergy_predictor(read_info(folder / SYNERGY_FILE), self.ctx.runtime)
+        return {"synergy_test_top1": evaluate_predictor(predict, test.batches(0), num_classes).top1}
+
+    def summary(self) -> dict[str, Any]:
+        return {"gate_open_per_stage": list(self.gate_log), "teachers_adapted": self.fusion_teachers is not None}
+
+
+def attention_terms(attn: Tensor) -> dict[str, Tensor]:
+    """The attention each teacher gets from the student's query, averaged over the batch."""
+    mean = attn.detach().float().mean(0)
+    return {f"attn_t{k}": mean[k] for k in range(mean.shape[0])}

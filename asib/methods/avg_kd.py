@@ -1,0 +1,33 @@
+"""``method: avg_kd``: KD toward the (weighted) average of the teachers' logits."""
+
+from __future__ import annotations
+
+from asib.data import Batch
+from asib.engine.loop import EpochPlan
+from asib.methods.base import DistillMethod, Terms, accuracy_term
+from asib.methods.losses import cross_entropy, disagreement_share, kd_loss_fn
+
+
+class AvgKD(DistillMethod):
+    """``ce_alpha * CE + kd_alpha * KD_tau(s <- t_bar)``, ``t_bar`` the teacher average."""
+
+    name = "avg_kd"
+    min_teachers = 2
+
+    def forward(self, ep: EpochPlan, batch: Batch) -> Terms:
+        spec = self.spec
+        s = self.student(batch.x).float()
+        tau = self.tau_at(ep.phase_epoch)
+        t_bar, t_logits = self.teacher_target(batch.x)
+        ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
+        kd = kd_loss_fn(s, t_bar, tau)
+        weight = self.kd_ramp(ep.phase_epoch) * spec.kd_alpha
+        return {
+            "loss": spec.ce_alpha * ce + weight * kd,
+            "ce": ce.detach(),
+            "kd": kd.detach(),
+            "tau": float(tau),
+            "kd_w": float(weight),
+            "train_acc": accuracy_term(s, batch.y),
+            "disagree": disagreement_share(t_logits),
+        }
