@@ -78,7 +78,9 @@ def test_bench_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert part in parts, part
     assert {"student forward (no grad)", "fusion forward+backward"} <= set(figures["breakdown"]["asib A-step"])
 
-    values = numbers({k: figures[k] for k in ("data", "steps", "breakdown")})
+    assert set(figures["methods"]) == {"ce", "kd", "avg_kd", "dkd", "ca_mkd", "dist", "asib", "asib (teacher side)"}
+
+    values = numbers({k: figures[k] for k in ("data", "steps", "breakdown", "methods")})
     assert len(values) > 50
     bad = {k: v for k, v in values.items() if not v > 0}
     assert not bad, bad
@@ -86,7 +88,8 @@ def test_bench_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     print_tables(figures)  # the table view of the same figures
     table = capsys.readouterr().out
-    for text in ("1. data pipeline", "engine/bare", "asib B-step", "sum of parts", "teacher t2: fresh vgg8"):
+    for text in ("1. data pipeline", "engine/bare", "asib B-step", "sum of parts", "teacher t2: fresh vgg8",
+                 "4. one training step of each method", "ca_mkd"):
         assert text in table, text
 
 

@@ -40,7 +40,11 @@ def bench(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Images/s and peak memory of data loading, fine-tuning, A-step, B-step and kd steps: engine vs bare loops."""
+    """Images/s and peak memory of data loading, fine-tuning, A-step, B-step and kd steps (engine vs bare
+    loops), where a step's time goes, and one step of every method.
+
+    Example: asib bench recipes/fashion_mnist.yaml --max-overhead 1.05
+    """
     r = load(recipe, set_)
     from asib.bench import BenchConfig, run_bench
     from asib.errors import RecipeError
@@ -138,6 +142,14 @@ def print_tables(f: dict[str, Any]) -> None:
         _ms(f["steps"][whole[col]]["engine"]["ms_per_step"]) if whole.get(col) in f["steps"] else "-" for col in columns
     ))
     console.print(parts)
+
+    if f.get("methods"):
+        methods = Table(title="4. one training step of each method (engine, interleaved)")
+        for col in ("method", "images/s", "ms/step", "peak MiB"):
+            methods.add_column(col, justify="left" if col == "method" else "right")
+        for name, fig in f["methods"].items():
+            methods.add_row(name, f"{fig['images_per_s']:,.1f}", f"{fig['ms_per_step']:.1f}", f"{fig['peak_mib']:.1f}")
+        console.print(methods)
 
 
 def _ms(value: float | None) -> str:
