@@ -145,6 +145,24 @@ class DKDSpec(Spec):
     )
 
 
+class CAMKDSpec(Spec):
+    """Confidence-aware multi-teacher KD (Zhang, Chen and Wang, ICASSP 2022)."""
+
+    feature_weight: float = Field(
+        0.0, ge=0,
+        description="weight of the confidence-weighted regression of each teacher's pooled penultimate"
+        " feature from the student's (one linear regressor per teacher); 0 turns it off. The paper"
+        " regresses feature maps",
+    )
+
+
+class DISTSpec(Spec):
+    """DIST (Huang et al., NeurIPS 2022): correlation-based relations instead of the KL."""
+
+    beta: float = Field(1.0, ge=0, description="weight of the inter-class relation (per sample)")
+    gamma: float = Field(1.0, ge=0, description="weight of the intra-class relation (per class)")
+
+
 # Distill keys every method reads; each method adds its own (METHOD_KEYS). A key that the
 # chosen method does not read is a recipe error, so a typo'd or misplaced knob never
 # passes silently. Plug-in methods add their entry with ``register_method_keys``.
@@ -154,12 +172,15 @@ SHARED_DISTILL_KEYS = frozenset({
 })
 _TAU = frozenset({"tau", "tau_start", "tau_end"})
 _KD = frozenset({"ce_alpha", "kd_alpha", "kd_warmup_epochs"}) | _TAU
+_LS = frozenset({"logit_standardization"})
 METHOD_KEYS: dict[str, frozenset[str]] = {
     "ce": frozenset(),
-    "kd": _KD | {"kd_teacher"},
-    "avg_kd": _KD | {"teacher_weights"},
-    "dkd": _TAU | {"ce_alpha", "teacher_weights", "dkd"},
-    "asib": _KD | {
+    "kd": _KD | _LS | {"kd_teacher"},
+    "avg_kd": _KD | _LS | {"teacher_weights"},
+    "dkd": _TAU | _LS | {"ce_alpha", "teacher_weights", "dkd"},
+    "ca_mkd": _KD | _LS | {"ca_mkd"},
+    "dist": _TAU | _LS | {"ce_alpha", "kd_warmup_epochs", "teacher_weights", "dist"},
+    "asib": _KD | _LS | {
         "kd_ens_alpha", "teacher_adapt_epochs", "synergy_warmup_epochs", "teacher_optim", "synergy_label_smoothing",
         "ib", "ib_beta", "ib_beta_warmup_epochs", "ib_target_samples", "cccp", "cccp_alpha", "cccp_ramp_epochs",
         "synergy_target", "synergy_gate", "disagreement", "lambda_high", "lambda_low", "teacher_weights",
@@ -171,6 +192,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "kd": {"kd_alpha": 0.7},
     "avg_kd": {"kd_alpha": 0.7},
     "dkd": {"ce_alpha": 1.0},
+    "ca_mkd": {"kd_alpha": 0.7},
+    "dist": {"ce_alpha": 1.0, "tau": 1.0},
 }
 
 
@@ -204,10 +227,13 @@ class DistillSpec(Spec):
     """The distillation step: method, stages, losses and their weights (METHOD.md).
 
     Which keys a method reads is ``method_keys(method)``; ``ce_alpha`` and ``kd_alpha`` default
-    per method (``METHOD_DEFAULTS``: kd and avg_kd put 0.7 on KD, dkd 1.0 on CE).
+    per method (``METHOD_DEFAULTS``: kd, avg_kd and ca_mkd put 0.7 on KD, dkd and dist 1.0 on CE;
+    dist's tau is 1).
     """
 
-    method: str = Field("asib", description="asib, ce, kd, avg_kd, dkd (or a registered plug-in method)")
+    method: str = Field(
+        "asib", description="asib, ce, kd, avg_kd, dkd, ca_mkd, dist (or a registered plug-in method)"
+    )
     num_stages: int = Field(4, ge=1)
     student_epochs: int | list[int] = Field(5, description="B-step epochs per stage (one number or one per stage)")
     teacher_adapt_epochs: int = Field(2, ge=0, description="A-step epochs per stage")
@@ -219,11 +245,13 @@ class DistillSpec(Spec):
     augment: AugmentSpec = AugmentSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="student CE label smoothing")
     synergy_label_smoothing: float = Field(0.1, ge=0, lt=1)
-    ce_alpha: float = Field(0.3, ge=0, description="weight of the student's CE (dkd: 1.0)")
-    kd_alpha: float = Field(0.35, ge=0, description="KD toward the teacher average (kd, avg_kd: 0.7)")
+    ce_alpha: float = Field(0.3, ge=0, description="weight of the student's CE (dkd, dist: 1.0)")
+    kd_alpha: float = Field(
+        0.35, ge=0, description="KD toward the teacher average (kd, avg_kd: 0.7); ca_mkd: weighted KD (0.7)"
+    )
     kd_ens_alpha: float = Field(0.35, ge=0, description="KD toward the synergy ensemble")
     kd_warmup_epochs: int = Field(0, ge=0)
-    tau: float = Field(4.0, gt=0)
+    tau: float = Field(4.0, gt=0, description="KD temperature (dist: 1.0)")
     tau_start: float | None = Field(None, gt=0, description="with tau_end: linear tau over all student epochs")
     tau_end: float | None = Field(None, gt=0)
     ib: bool = True
@@ -252,6 +280,16 @@ class DistillSpec(Spec):
     teacher_freeze_schedule: list[int] | None = None
     ib_mbm: IBMBMSpec = IBMBMSpec()
     dkd: DKDSpec = DKDSpec()
+    ca_mkd: CAMKDSpec = CAMKDSpec()
+    dist: DISTSpec = DISTSpec()
+    logit_standardization: bool = Field(
+        False,
+        description="z-score every logit vector that enters a KD term's temperature softmax (student,"
+        " target; ASIB: synergy target and CCCP too) along the classes before dividing by tau (Sun et al.,"
+        " CVPR 2024). tau is then in units of the logits' standard deviation: the softmax sees logits of"
+        " standard deviation 1/tau whatever the model's logit scale, so good values differ from those without"
+        " it. CE on labels stays on raw logits",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -128,6 +128,49 @@ def test_dkd_terms_are_separate_and_teacher_gets_no_gradient() -> None:
     assert dkd_loss(same, same, torch.tensor([0, 1, 3]), 1.0, 8.0, 4.0).abs().item() < 1e-5
 
 
+def _dkd64(
+    s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, alpha: float, beta: float, tau: float
+) -> torch.Tensor:
+    """Decoupled KD written out in float64: TCKD on (p_target, 1 - p_target), NCKD on the
+    non-target distribution renormalised to sum 1, both times tau^2, batch mean."""
+    def softmax(a: torch.Tensor) -> torch.Tensor:
+        e = torch.exp(a - a.max(dim=-1, keepdim=True).values)
+        return e / e.sum(dim=-1, keepdim=True)
+
+    p_s, p_t = softmax(s / tau), softmax(t / tau)
+    rows = torch.arange(len(y))
+    gt_s, gt_t = p_s[rows, y], p_t[rows, y]
+    tckd = gt_t * torch.log(gt_t / gt_s) + (1 - gt_t) * torch.log((1 - gt_t) / (1 - gt_s))
+    rest = torch.ones_like(p_s, dtype=torch.bool)
+    rest[rows, y] = False
+    c = s.shape[1]
+    n_s = p_s[rest].reshape(-1, c - 1) / (1 - gt_s).unsqueeze(1)
+    n_t = p_t[rest].reshape(-1, c - 1) / (1 - gt_t).unsqueeze(1)
+    nckd = (n_t * torch.log(n_t / n_s)).sum(dim=1)
+    return ((alpha * tckd + beta * nckd) * tau**2).mean()
+
+
+@pytest.mark.parametrize(
+    ("b", "c", "tau", "alpha", "beta"),
+    [(2, 3, 1.0, 1.0, 8.0), (7, 10, 4.0, 1.0, 2.0), (16, 100, 2.0, 0.5, 8.0), (5, 2, 3.0, 2.0, 1.0)],
+)
+def test_dkd_value_and_gradient_match_float64_formula(
+    b: int, c: int, tau: float, alpha: float, beta: float
+) -> None:
+    gen = torch.Generator().manual_seed(b * 1000 + c)
+    s = torch.randn(b, c, generator=gen) * 3
+    t = torch.randn(b, c, generator=gen) * 3
+    y = torch.randint(0, c, (b,), generator=gen)
+    s32, s64 = s.clone().requires_grad_(True), s.double().requires_grad_(True)
+    got = dkd_loss(s32, t, y, alpha, beta, tau)
+    want = _dkd64(s64, t.double(), y, alpha, beta, tau)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    (g32,) = torch.autograd.grad(got, s32)
+    (g64,) = torch.autograd.grad(want, s64)
+    torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=5e-5 * g64.abs().max().item() + 1e-12)
+
+
 # ---------------------------------------------------------------- teacher side helpers
 
 

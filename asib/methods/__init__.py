@@ -17,7 +17,9 @@ from asib.errors import RecipeError, did_you_mean
 from asib.methods.asib import ASIB
 from asib.methods.avg_kd import AvgKD
 from asib.methods.base import Artifacts, DistillMethod, RunContext, Terms
+from asib.methods.ca_mkd import CAMKD
 from asib.methods.ce import CE
+from asib.methods.dist import DIST
 from asib.methods.dkd import DKD
 from asib.methods.kd import KD
 from asib.recipe import METHOD_KEYS, DistillSpec, register_method_keys, spec_from
@@ -27,6 +29,8 @@ METHODS: dict[str, type[DistillMethod]] = {
     "kd": KD,
     "avg_kd": AvgKD,
     "dkd": DKD,
+    "ca_mkd": CAMKD,
+    "dist": DIST,
     "asib": ASIB,
 }
 
@@ -71,7 +75,9 @@ def build_method(
 
 __all__ = [
     "ASIB",
+    "CAMKD",
     "CE",
+    "DIST",
     "DKD",
     "KD",
     "METHODS",

@@ -42,6 +42,7 @@ from asib.methods.losses import (
     ib_kl,
     kd_loss_fn,
     kd_to_distribution,
+    standardize_logits,
     teacher_average,
     weighted_mean,
 )
@@ -225,7 +226,10 @@ class ASIB(DistillMethod):
         cccp_w = 0.0
         if spec.cccp and ep.stage >= 1 and not ce_only:
             cccp_w = spec.effective_cccp_alpha * cccp_ramp(ep.phase_epoch - self.first_stage_a_epochs, spec)
-        coupling = cccp_loss(g, s, tau) if cccp_w > 0 else torch.zeros((), device=g.device)
+        if cccp_w > 0:
+            coupling = cccp_loss(self.kd_input(g), self.kd_input(s), tau)
+        else:
+            coupling = torch.zeros((), device=g.device)
         terms: Terms = {
             "loss": ce + beta * kl + cccp_w * coupling,
             "syn_ce": ce.detach(),
@@ -250,12 +254,16 @@ class ASIB(DistillMethod):
             if self.fusion_teachers is not None:  # adapted copies on the synergy path, originals for the rest
                 feats = frozen_outputs(self.fusion_teachers, x)[0]
             out = self.ib_mbm(h_s.detach(), feats)
-            q = synergy_target(self.ib_mbm, self.synergy_head, out, tau, spec.ib_target_samples, mode=spec.synergy_target)
+            q = synergy_target(
+                self.ib_mbm, self.synergy_head, out, tau, spec.ib_target_samples, mode=spec.synergy_target,
+                standardize=standardize_logits if spec.logit_standardization else None,
+            )
             t_bar = teacher_average(t_logits, spec.teacher_weights)
             w = disagreement_weights(t_logits, dominant_labels(batch), spec.disagreement, spec.lambda_high, spec.lambda_low)
         ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
-        kd = kd_loss_fn(s, t_bar, tau)
-        kd_ens = weighted_mean(kd_to_distribution(s, q, tau, reduction="none"), w)
+        s_kd = self.kd_input(s)  # the student's logits as both KD terms' softmaxes take them
+        kd = kd_loss_fn(s_kd, self.kd_input(t_bar), tau)
+        kd_ens = weighted_mean(kd_to_distribution(s_kd, q, tau, reduction="none"), w)
         warm = self.kd_ramp(ep.phase_epoch)
         kd_a, ens_a = spec.kd_alpha, spec.kd_ens_alpha
         if not self.gate_open:  # synergy weaker than the weakest teacher: its weight moves to t_bar

@@ -20,7 +20,7 @@ class AvgKD(DistillMethod):
         tau = self.tau_at(ep.phase_epoch)
         t_bar, t_logits = self.teacher_target(batch.x)
         ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
-        kd = kd_loss_fn(s, t_bar, tau)
+        kd = kd_loss_fn(self.kd_input(s), self.kd_input(t_bar), tau)
         weight = self.kd_ramp(ep.phase_epoch) * spec.kd_alpha
         return {
             "loss": spec.ce_alpha * ce + weight * kd,

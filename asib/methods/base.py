@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from asib.engine.runtime import Runtime, inference_autocast
 from asib.engine.schedules import get_tau, ramp
-from asib.methods.losses import teacher_average
+from asib.methods.losses import standardize_logits, teacher_average
 from asib.recipe import DistillSpec, OptimSpec
 
 if TYPE_CHECKING:
@@ -144,6 +144,11 @@ class DistillMethod(nn.Module):
 
     def kd_ramp(self, student_epoch: int) -> float:
         return ramp(student_epoch, self.spec.kd_warmup_epochs)
+
+    def kd_input(self, logits: Tensor) -> Tensor:
+        """Logits as a KD term's temperature softmax takes them: z-scored per sample along the
+        classes when ``logit_standardization`` is on (Sun et al. 2024), else as they are."""
+        return standardize_logits(logits) if self.spec.logit_standardization else logits
 
     def teacher_logits(self, x: Tensor, which: Sequence[int] | None = None) -> list[Tensor]:
         """Logits of the (frozen) teachers, without autograd, in the run's inference precision."""

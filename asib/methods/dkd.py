@@ -27,7 +27,8 @@ class DKD(DistillMethod):
         target, _ = self.teacher_target(batch.x)
         ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
         weight = ramp(ep.phase_epoch, spec.dkd_warmup_epochs)
-        kd = dkd_loss(s, target, dominant_labels(batch), spec.dkd.alpha, spec.dkd.beta, tau)
+        y = dominant_labels(batch)
+        kd = dkd_loss(self.kd_input(s), self.kd_input(target), y, spec.dkd.alpha, spec.dkd.beta, tau)
         return {
             "loss": spec.ce_alpha * ce + weight * kd,
             "ce": ce.detach(),

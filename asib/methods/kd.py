@@ -33,7 +33,7 @@ class KD(DistillMethod):
         tau = self.tau_at(ep.phase_epoch)
         target = self.teacher_logits(batch.x, [self.kd_teacher])[0]
         ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
-        kd = kd_loss_fn(s, target, tau)
+        kd = kd_loss_fn(self.kd_input(s), self.kd_input(target), tau)
         weight = self.kd_ramp(ep.phase_epoch) * spec.kd_alpha
         return {
             "loss": spec.ce_alpha * ce + weight * kd,

@@ -196,3 +196,109 @@ def cross_entropy(
     if y2 is None:
         return loss
     return lam * loss + (1.0 - lam) * F.cross_entropy(logits, y2, label_smoothing=label_smoothing)
+
+
+# ---------------------------------------------------------------- logit standardization
+
+STANDARDIZE_EPS = 1e-7
+
+
+def standardize_logits(logits: Tensor, eps: float = STANDARDIZE_EPS) -> Tensor:
+    """Z-score each logit vector along the class dimension, fp32 (Sun et al., CVPR 2024).
+
+    ``(a - mean(a)) / (std(a) + eps)`` with the population standard deviation (divide by C),
+    as in the paper's formula. A softmax at temperature tau then sees logits of standard
+    deviation 1/tau whatever the model's logit scale. The variance is clamped at the smallest
+    normal float before the square root, so constant logits give zeros and a finite gradient.
+    """
+    a = logits.float()
+    centred = a - a.mean(dim=-1, keepdim=True)
+    var = centred.square().mean(dim=-1, keepdim=True)
+    return centred / (var.clamp_min(torch.finfo(torch.float32).tiny).sqrt() + eps)
+
+
+# ---------------------------------------------------------------- CA-MKD
+
+
+def ca_mkd_weights(teacher_logits: Sequence[Tensor], y: Tensor) -> Tensor:
+    """Confidence weights of CA-MKD (Zhang, Chen and Wang, ICASSP 2022), (B, K) fp32, no gradient.
+
+    ``w_ik = (1 - softmax_k(CE_ik)) / (K - 1)`` with ``CE_ik`` teacher k's cross-entropy on
+    sample i's label: the teacher that is more right weighs more, and each row sums to 1.
+    """
+    k = len(teacher_logits)
+    if k < 2:
+        raise ValueError(f"CA-MKD weights need at least 2 teachers, got {k}")
+    ce = torch.stack(
+        [F.cross_entropy(t.detach().float(), y, reduction="none") for t in teacher_logits], dim=-1
+    )
+    return (1.0 - F.softmax(ce, dim=-1)) / (k - 1)
+
+
+def ca_mkd_kd_loss(
+    student_logits: Tensor, teacher_logits: Sequence[Tensor], weights: Tensor, temperature: float | Tensor
+) -> Tensor:
+    """``mean_i sum_k w_ik KD_tau(s_i <- t_ik)``: per-sample KD toward each teacher, confidence-weighted."""
+    per = torch.stack(
+        [kd_loss_fn(student_logits, t, temperature, reduction="none") for t in teacher_logits], dim=-1
+    )
+    return (weights.detach().float() * per).sum(dim=-1).mean()
+
+
+def ca_mkd_feature_loss(
+    regressed: Sequence[Tensor], teacher_features: Sequence[Tensor], weights: Tensor
+) -> Tensor:
+    """``mean_i sum_k w_ik mean_d (r_ik - h_ik)^2``: weighted regression of the teachers' features.
+
+    ``r_k`` is the student's feature mapped to teacher k's width (it gets the gradient),
+    ``h_k`` teacher k's feature (no gradient).
+    """
+    pairs = zip(regressed, teacher_features, strict=True)
+    per = torch.stack([(r.float() - h.detach().float()).square().mean(dim=-1) for r, h in pairs], dim=-1)
+    return (weights.detach().float() * per).sum(dim=-1).mean()
+
+
+# ---------------------------------------------------------------- DIST
+
+PEARSON_EPS = 1e-8
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = PEARSON_EPS) -> Tensor:
+    """Pearson correlation of a and b along ``dim``: centred dot product over (norm * norm + eps).
+
+    The product of squared norms is clamped at the smallest normal float before the square
+    root, so an all-constant slice gives correlation 0 and a finite gradient.
+    """
+    a = a - a.mean(dim=dim, keepdim=True)
+    b = b - b.mean(dim=dim, keepdim=True)
+    squared = a.square().sum(dim=dim) * b.square().sum(dim=dim)
+    norms = squared.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+    return (a * b).sum(dim=dim) / (norms + eps)
+
+
+def dist_relations(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """DIST's two relation losses (Huang et al., NeurIPS 2022) on tau-softened probabilities, fp32.
+
+    inter = 1 - mean_i pearson_c(p_s[i, :], p_t[i, :])  (each sample's ranking of the classes);
+    intra = 1 - mean_c pearson_i(p_s[:, c], p_t[:, c])  (each class's ranking of the samples).
+    The teacher gets no gradient.
+    """
+    p_s = F.softmax(student_logits.float() / temperature, dim=-1)
+    p_t = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    inter = 1.0 - _pearson(p_s, p_t, dim=1).mean()
+    intra = 1.0 - _pearson(p_s, p_t, dim=0).mean()
+    return inter, intra
+
+
+def dist_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float | Tensor,
+    beta: float | Tensor = 1.0,
+    gamma: float | Tensor = 1.0,
+) -> Tensor:
+    """DIST: ``tau^2 * (beta * inter + gamma * intra)`` (see ``dist_relations``)."""
+    inter, intra = dist_relations(student_logits, teacher_logits, temperature)
+    return (temperature * temperature) * (beta * inter + gamma * intra)

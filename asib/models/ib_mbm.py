@@ -9,7 +9,7 @@ sample of it into logits. Imports only torch and asib.recipe/errors (never asib.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -158,12 +158,16 @@ def synergy_target(
     samples: int,
     ib: bool | None = None,
     mode: Literal["noise_avg", "mu"] = "noise_avg",
+    standardize: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The B-step target q (B, C), in fp32: the bottleneck's predictive distribution.
 
     ``noise_avg`` with the IB on: q_i = (1/S) sum_k softmax(G(mu_i + sigma_i eps_k) / tau),
     all S*B rows in one head call. With the IB off, or ``mode="mu"``: softmax(G(mu) / tau).
-    ``ib`` defaults to ``ib_mbm.ib``. Run with the head in eval mode.
+    ``ib`` defaults to ``ib_mbm.ib``. Run with the head in eval mode. ``standardize``, when
+    given, maps G's logits before the division by tau: ASIB passes
+    ``asib.methods.losses.standardize_logits`` with ``distill.logit_standardization`` on (taken
+    as an argument because models sit below methods in the layout).
     """
     if mode not in ("noise_avg", "mu"):
         raise ValueError(f"synergy target mode must be 'noise_avg' or 'mu', got {mode!r}")
@@ -171,10 +175,14 @@ def synergy_target(
         raise ValueError(f"samples must be >= 1, got {samples}")
     use_ib = ib_mbm.ib if ib is None else ib
     mu, logvar = out.mu, out.logvar
+
+    def as_softmax_input(logits: Tensor) -> Tensor:
+        return logits.float() if standardize is None else standardize(logits).float()
+
     if not use_ib or mode == "mu":
-        return F.softmax(head(mu).float() / tau, dim=-1)
+        return F.softmax(as_softmax_input(head(mu)) / tau, dim=-1)
     num = int(samples)
     eps = torch.randn((num, *mu.shape), device=mu.device, dtype=mu.dtype)
     z = mu.unsqueeze(0) + torch.exp(0.5 * logvar).unsqueeze(0) * eps  # (S, B, D)
-    logits = head(z.reshape(num * mu.shape[0], -1)).float().reshape(num, mu.shape[0], -1)
+    logits = as_softmax_input(head(z.reshape(num * mu.shape[0], -1))).reshape(num, mu.shape[0], -1)
     return F.softmax(logits / tau, dim=-1).mean(dim=0)
