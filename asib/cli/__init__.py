@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from asib.cli import bench as bench_cmd
-from asib.cli import distill, evaluate, export, finetune_teacher, prepare_data, recipe_cmd, report
+from asib.cli import compare, distill, evaluate, export, finetune_teacher, prepare_data, recipe_cmd, report
 
 app = typer.Typer(
     name="asib",
@@ -21,6 +21,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("bench")(bench_cmd.bench)
 app.command("export")(export.export)
 app.command("report")(report.report)
+app.command("compare")(compare.compare)
 app.add_typer(recipe_cmd.app, name="recipe")
 
 
