@@ -57,6 +57,10 @@ class DataSpec(Spec):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train carved out as validation (seeded)")
     image_size: int | None = Field(None, gt=0, description="resize every image to this square size")
     train_subset: int | None = Field(None, gt=0, description="keep only this many training images (seeded, stratified)")
+    transfer_subset: int | None = Field(
+        None, gt=0, description="after the validation split is carved, keep only this many of the training split"
+        " (seeded, stratified): a smaller transfer set with the same validation and test splits"
+    )
     split_seed: int = Field(0, description="seed of the train/val split and the subset")
 
 
@@ -184,7 +188,7 @@ METHOD_KEYS: dict[str, frozenset[str]] = {
         "kd_ens_alpha", "teacher_adapt_epochs", "synergy_warmup_epochs", "teacher_optim", "synergy_label_smoothing",
         "ib", "ib_beta", "ib_beta_warmup_epochs", "ib_target_samples", "cccp", "cccp_alpha", "cccp_ramp_epochs",
         "synergy_target", "synergy_gate", "disagreement", "lambda_high", "lambda_low", "teacher_weights",
-        "teacher_freeze_schedule", "ib_mbm",
+        "teacher_freeze_schedule", "ib_mbm", "synergy_kd_alpha",
     },
 }
 # Loss weights whose default depends on the method (a missing key takes the method's value).
@@ -245,6 +249,10 @@ class DistillSpec(Spec):
     augment: AugmentSpec = AugmentSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="student CE label smoothing")
     synergy_label_smoothing: float = Field(0.1, ge=0, lt=1)
+    synergy_kd_alpha: float = Field(
+        0.0, ge=0, description="A-step: weight of KD from the teacher average into the synergy head, so its"
+        " targets keep the teachers' soft predictions as well as the labels; 0 turns it off"
+    )
     ce_alpha: float = Field(0.3, ge=0, description="weight of the student's CE (dkd, dist: 1.0)")
     kd_alpha: float = Field(
         0.35, ge=0, description="KD toward the teacher average (kd, avg_kd: 0.7); ca_mkd: weighted KD (0.7)"

@@ -417,6 +417,22 @@ def test_prepare_subset_resize_and_empty_val(tmp_path: Path) -> None:
     assert info0.counts["val"] == 0 and load_split(tmp_path / "e", "val")[0].shape == (0, 3, 8, 8)
 
 
+def test_transfer_subset_keeps_val_and_test_and_the_teachers_normalisation(tmp_path: Path) -> None:
+    full = prepare_data(DataSpec(source="digits", val_fraction=0.2), tmp_path / "full", "full")
+    small = prepare_data(DataSpec(source="digits", val_fraction=0.2, transfer_subset=300), tmp_path / "small", "small")
+    assert small.counts["train"] == 300 and small.transfer_subset == 300
+    assert small.counts["val"] == full.counts["val"] and small.counts["test"] == full.counts["test"]
+    for split in ("val", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(load_split(tmp_path / "full", split),
+                                                       load_split(tmp_path / "small", split), strict=True))
+    assert small.mean == full.mean and small.std == full.std  # the statistics of the data the teachers saw
+    full_x, _ = load_split(tmp_path / "full", "train")
+    small_x, small_y = load_split(tmp_path / "small", "train")
+    rows = {tuple(x.flatten().tolist()) for x in full_x}
+    assert all(tuple(x.flatten().tolist()) in rows for x in small_x)  # a subset of the full training split
+    assert all(abs(c - 30) <= 1 for c in torch.bincount(small_y).tolist())  # stratified
+
+
 def test_prepare_other_sources(tmp_path: Path) -> None:
     write_cifar10(tmp_path / "c10")
     info = prepare_data(

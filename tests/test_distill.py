@@ -283,6 +283,20 @@ def test_mixed_batches_use_mixed_targets_in_both_steps() -> None:
     assert b["weighted_share"].item() == pytest.approx(wrong_y2.item())
 
 
+def test_synergy_kd_alpha_teaches_the_head_the_teachers_soft_predictions() -> None:
+    d = make_task(make_spec(ib=False, cccp=False, synergy_kd_alpha=0.5, tau=2.0)).m
+    d.ib_mbm.train()
+    terms = d(at("A"), Batch(*XY))
+    with torch.no_grad():
+        g = d.synergy_logits(XY[0])
+        t_bar = sum(t(XY[0]) for t in d.teachers) / 2
+    assert terms["syn_kd"].item() == pytest.approx(kd_loss_fn(g, t_bar, 2.0).item(), rel=1e-4)
+    assert terms["loss"].item() == pytest.approx((terms["syn_ce"] + 0.5 * terms["syn_kd"]).item(), rel=1e-5)
+    off = make_task(make_spec(ib=False, cccp=False)).m
+    off.ib_mbm.train()
+    assert off(at("A"), Batch(*XY))["syn_kd"].item() == 0
+
+
 def test_three_teachers_of_different_widths() -> None:
     task = make_task(make_spec(), archs=("resnet8", "vgg8", "wrn_16_1"))
     assert len({t.feature_dim for t in task.m.teachers}) >= 2

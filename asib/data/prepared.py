@@ -53,6 +53,7 @@ class DatasetInfo:
     sha256: Mapping[str, str]
     channels: int = 3
     format_version: int = FORMAT_VERSION
+    transfer_subset: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -90,6 +91,7 @@ class DatasetInfo:
                 sha256={str(k): str(v) for k, v in data["sha256"].items()},
                 channels=int(data["channels"]),
                 format_version=int(version),
+                transfer_subset=None if data.get("transfer_subset") is None else int(data["transfer_subset"]),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise DataError(
@@ -193,13 +195,21 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 def _carve_splits(
     raw: RawData, spec: DataSpec, say: Callable[[str], None]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """train_subset, then the val split (both seeded, stratified), then 3 channels and resizing."""
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """train_subset, then the val split, then transfer_subset (all seeded, stratified), then 3 channels and resizing.
+
+    Also returns the images mean/std are computed on: the training split before
+    ``transfer_subset``, so a transfer set is normalised as the teachers' training data was.
+    """
     train_x, train_y = raw.train_images, raw.train_labels
     if spec.train_subset is not None and spec.train_subset < len(train_y):
         _, keep = stratified_split(train_y, spec.train_subset / len(train_y), spec.split_seed, stream=1)
         train_x, train_y = train_x[keep], train_y[keep]
     train_idx, val_idx = stratified_split(train_y, spec.val_fraction, spec.split_seed, stream=2)
+    stats_idx = train_idx
+    if spec.transfer_subset is not None and spec.transfer_subset < len(train_idx):
+        _, keep = stratified_split(train_y[train_idx], spec.transfer_subset / len(train_idx), spec.split_seed, stream=3)
+        train_idx = train_idx[keep]
     arrays = {
         "train": (train_x[train_idx], train_y[train_idx]),
         "val": (train_x[val_idx], train_y[val_idx]),
@@ -214,7 +224,12 @@ def _carve_splits(
         tensors[split] = (images, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
     if len(tensors["train"][1]) == 0:
         raise DataError(f"{spec.source}: the train split is empty after train_subset and val_fraction")
-    return tensors
+    stats = tensors["train"][0]
+    if len(stats_idx) != len(train_idx):
+        stats = _to_nchw(train_x[stats_idx])
+        if spec.image_size is not None:
+            stats = resize_uint8(stats, spec.image_size)
+    return tensors, stats
 
 
 def _write_split(folder: Path, split: str, images: torch.Tensor, labels: torch.Tensor) -> str:
@@ -259,9 +274,9 @@ def write_prepared(
 ) -> DatasetInfo:
     """The writing half of ``prepare_data``: carve the splits, compute mean/std on train,
     write every file into a temporary folder and move it into place."""
-    tensors = _carve_splits(raw, spec, say)
+    tensors, stats_images = _carve_splits(raw, spec, say)
     say("computing mean and std on train")
-    mean, std = channel_stats(tensors["train"][0])
+    mean, std = channel_stats(stats_images)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -281,6 +296,7 @@ def write_prepared(
             split_seed=spec.split_seed,
             val_fraction=spec.val_fraction,
             train_subset=spec.train_subset,
+            transfer_subset=spec.transfer_subset,
             counts={split: len(labels) for split, (_, labels) in tensors.items()},
             sha256=sha,
         )

@@ -211,12 +211,20 @@ class ASIB(DistillMethod):
         return feats
 
     def a_step(self, ep: EpochPlan, batch: Batch) -> Terms:
-        """Teacher side learns: CE on synergy logits + beta * KL_IB (+ CCCP coupling). Student fixed."""
+        """Teacher side learns: CE on synergy logits + beta * KL_IB (+ CCCP coupling, + KD toward
+        the teacher average with ``synergy_kd_alpha``). Student fixed."""
         spec = self.spec
         with torch.no_grad():
             h_s = self.student.features(batch.x)
             s = self.student.head(h_s).float()
-        out = self.ib_mbm(h_s, self._fusion_features(batch.x))
+        t_logits: list[Tensor] = []
+        if self.fusion_teachers is None:  # one forward gives the fusion's features and the teachers' logits
+            feats, t_logits = frozen_outputs(self.teachers, batch.x)
+        else:
+            feats = self._fusion_features(batch.x)
+            if spec.synergy_kd_alpha > 0:
+                t_logits = self.teacher_logits(batch.x)
+        out = self.ib_mbm(h_s, feats)
         g = self.synergy_head(out.z).float()
         ce = cross_entropy(g, batch.y, spec.synergy_label_smoothing, batch.y2, batch.lam)
         ce_only = ep.stage == 0 and ep.stage_epoch < spec.synergy_warmup_epochs
@@ -230,9 +238,14 @@ class ASIB(DistillMethod):
             coupling = cccp_loss(self.kd_input(g), self.kd_input(s), tau)
         else:
             coupling = torch.zeros((), device=g.device)
+        syn_kd = torch.zeros((), device=g.device)
+        if spec.synergy_kd_alpha > 0:  # the head keeps the teachers' soft predictions, not only the labels
+            t_bar = teacher_average(t_logits, spec.teacher_weights)
+            syn_kd = kd_loss_fn(self.kd_input(g), self.kd_input(t_bar), tau)
         terms: Terms = {
-            "loss": ce + beta * kl + cccp_w * coupling,
+            "loss": ce + beta * kl + cccp_w * coupling + spec.synergy_kd_alpha * syn_kd,
             "syn_ce": ce.detach(),
+            "syn_kd": syn_kd.detach(),
             "ib_kl": kl.detach(),
             "cccp": coupling.detach(),
             "beta": float(beta),
