@@ -3,7 +3,10 @@
 Every run is an ordinary ``asib distill`` run, started as its own process in its own folder
 under the study folder, so a study survives being stopped and started again (finished runs
 are skipped, unfinished ones resumed), runs ``jobs`` at a time, and can be handed to a
-cluster scheduler instead (``dry_run``: the commands, one a line).
+cluster scheduler instead (``dry_run``: the commands, one a line). A run is identified by its
+resolved recipe: a finished run is reused only when its ``recipe.yaml`` is exactly what the
+study asks for now, so methods, seeds and variants can be added to a study, and a run whose
+recipe changed (the recipe file, a ``--set``, a tuned value) is refused, never mixed in.
 
 Tuning is a step of its own: for each ``tune`` grid, every value is run on the validation
 split (the first seed, or every seed) and the best mean validation top-1 is kept; the test
@@ -167,11 +170,6 @@ class StudySpec:
     def arms(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(arm name, method, distill overrides) of every arm, methods first."""
         return [(m, m, {}) for m in self.methods] + [(v.name, v.method, dict(v.sets)) for v in self.variants]
-
-    def defining(self) -> dict[str, Any]:
-        """The parts a study folder must agree with to be continued (methods and seeds may grow)."""
-        return {"recipe_sha256": self.recipe_sha256, "sets": self.sets, "tune": self.tune,
-                "tune_seeds": self.tune_seeds, "variants": [asdict(v) for v in self.variants]}
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "variants": [asdict(v) for v in self.variants]}
@@ -532,19 +530,9 @@ def _check_teachers(spec: StudySpec) -> None:
                            hint=f"run `asib finetune-teacher {spec.recipe}` first")
 
 
-def _open_folder(spec: StudySpec, folder: Path, dry_run: bool) -> None:
-    """Refuse a folder that holds another study; write (or update) study.json."""
-    saved = folder / "study.json"
-    if saved.exists():
-        old = json.loads(saved.read_text())
-        changed = [k for k, v in spec.defining().items() if old.get(k) != v]
-        if changed:
-            raise RunError(
-                f"{folder}: holds another study (it differs in {', '.join(changed)})",
-                hint="use another --out for a new study; methods and seeds may be added to an existing one",
-            )
-    if not dry_run:
-        atomic_write_json(saved, spec.to_json())
+def _write_spec(spec: StudySpec, folder: Path) -> None:
+    """study.json: the spec of the latest invocation (what each run is, its own recipe.yaml says)."""
+    atomic_write_json(folder / "study.json", spec.to_json())
 
 
 def compare(
@@ -560,12 +548,12 @@ def compare(
     """Run (or, with ``dry_run``, list) every tuning run, then every arm x seed; then the answer."""
     if jobs < 1:
         raise RecipeError([f"--jobs: at least 1 (given: {jobs})"])
-    _open_folder(spec, folder, dry_run)
     study = Study(spec, folder)
     runner = Runner(Path(spec.recipe), jobs, threads, say)
     if dry_run:
         return _dry_run(study, say)
     _check_teachers(spec)
+    _write_spec(spec, folder)
     failed: list[str] = []
     for phase in ("tune", "seed"):
         runs = study.tune_runs() if phase == "tune" else study.seed_runs()
