@@ -261,7 +261,11 @@ def test_recipe_check_and_schema(tmp_path: Path) -> None:
     assert resolved["distill"]["tau"] == 2.0 and resolved["distill"]["ib_beta"] == 0.001
     r = invoke("recipe", "schema")
     assert r.exit_code == 0
-    assert "DistillSpec" in json.loads(r.output)["$defs"]
+    schema = json.loads(r.output)
+    assert "DistillSpec" in schema["$defs"]
+    keys = schema["x-asib-method-keys"]
+    assert "disagreement" in keys["asib"] and "disagreement" not in keys["avg_kd"] and "tau" not in keys["ce"]
+    assert schema["x-asib-method-defaults"]["dkd"] == {"ce_alpha": 1.0}
 
 
 def test_python_dash_m_and_fast_help() -> None:

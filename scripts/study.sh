@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The study of ASIB against tuned baselines (README, "The study"). Every step is an
+# `asib compare` call into runs/study/<yardstick>/<step>; a step that is stopped is continued
+# by running it again (finished runs are kept, unfinished ones resumed).
+#
+#   scripts/study.sh data                # prepare yardsticks A and B, train the two teachers on A
+#   scripts/study.sh lr B                # the CE student's learning rate on validation (seed 0)
+#   scripts/study.sh baselines B         # ce, avg_kd, dkd, ca_mkd, dist: knobs tuned on validation
+#                                        # (seed 0), then SEEDS at the chosen values
+#   scripts/study.sh search B --variant NAME:key=value,...   # ASIB's validation search (seed 0)
+#   scripts/study.sh final B             # ASIB (the recipe's settings) added to the baselines' study
+#
+# B is yardstick B (recipes/study/fmnist_transfer.yaml: 5,500 transfer images), A is yardstick A
+# (recipes/study/fmnist_full.yaml: 55,000). JOBS runs at once (default 2, one thread each);
+# SEEDS (default 0-4).
+set -euo pipefail
+ASIB=${ASIB:-asib}
+JOBS=${JOBS:-2}
+SEEDS=${SEEDS:-0-4}
+PY=${PY:-python3}
+
+recipe_of() {
+  case "$1" in
+    A) echo recipes/study/fmnist_full.yaml ;;
+    B) echo recipes/study/fmnist_transfer.yaml ;;
+    *) echo "yardstick A or B, not '$1'" >&2; exit 2 ;;
+  esac
+}
+
+chosen_lr() {  # the learning rate the lr step chose on validation
+  local file="runs/study/$1/lr/compare.json"
+  [ -f "$file" ] || { echo "run 'scripts/study.sh lr $1' first" >&2; exit 1; }
+  "$PY" -c "import json,sys; a=json.load(open(sys.argv[1]))['arms'][0]['tuned']; print(a['values']['student_optim.lr'])" "$file"
+}
+
+compare() {  # compare YARDSTICK STEP ARGS...
+  local y=$1 step=$2; shift 2
+  "$ASIB" compare "$(recipe_of "$y")" --out "runs/study/$y/$step" --jobs "$JOBS" --threads 1 "$@"
+}
+
+BASELINES=ce,avg_kd,dkd,ca_mkd,dist
+TUNE=(--tune avg_kd:tau=1,2,4 --tune ca_mkd:tau=1,2,4 --tune dist:tau=1,2,4
+      --tune dkd:tau=1,4 --tune dkd:dkd.beta=2,8)
+
+case "${1:-}" in
+  data)
+    "$ASIB" prepare-data recipes/study/fmnist_full.yaml || true   # refuses to overwrite a prepared folder
+    for t in resnet20 mobilenetv2; do
+      [ -f "runs/fmnist_full/teachers/$t/summary.json" ] ||
+        "$ASIB" finetune-teacher recipes/study/fmnist_full.yaml --teacher "$t" --resume ||
+        "$ASIB" finetune-teacher recipes/study/fmnist_full.yaml --teacher "$t"
+    done
+    "$ASIB" prepare-data recipes/study/fmnist_transfer.yaml || true
+    ;;
+  lr)
+    compare "$2" lr --methods ce --seeds 0 --tune ce:student_optim.lr=0.003,0.01,0.03
+    ;;
+  baselines)
+    lr=$(chosen_lr "$2")
+    compare "$2" main --set "distill.student_optim.lr=$lr" --methods "$BASELINES" --seeds "$SEEDS" "${TUNE[@]}"
+    ;;
+  search)
+    # ASIB's validation search, one stage at a time from the recipe's settings: each stage adds
+    # a few variants on seed 0 and keeps the best validation top-1 (the test split chooses nothing).
+    y=$2
+    lr=$(chosen_lr "$y")
+    shift 2
+    compare "$y" search --set "distill.student_optim.lr=$lr" --methods asib --seeds 0 --against asib "$@"
+    ;;
+  final)
+    lr=$(chosen_lr "$2")
+    compare "$2" main --set "distill.student_optim.lr=$lr" --methods "$BASELINES,asib" --seeds "$SEEDS" "${TUNE[@]}"
+    ;;
+  *)
+    sed -n '2,18p' "$0"
+    exit 2
+    ;;
+esac
