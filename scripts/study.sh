@@ -14,7 +14,7 @@
 # (recipes/study/fmnist_full.yaml: 55,000). JOBS runs at once (default 2, one thread each);
 # SEEDS (default 0-4).
 set -euo pipefail
-ASIB=${ASIB:-asib}
+ASIB=${ASIB:-asib}  # e.g. ASIB="python -m asib"
 JOBS=${JOBS:-2}
 SEEDS=${SEEDS:-0-4}
 PY=${PY:-python3}
@@ -35,7 +35,7 @@ chosen_lr() {  # the learning rate the lr step chose on validation
 
 compare() {  # compare YARDSTICK STEP ARGS...
   local y=$1 step=$2; shift 2
-  "$ASIB" compare "$(recipe_of "$y")" --out "runs/study/$y/$step" --jobs "$JOBS" --threads 1 "$@"
+  $ASIB compare "$(recipe_of "$y")" --out "runs/study/$y/$step" --jobs "$JOBS" --threads 1 "$@"
 }
 
 BASELINES=ce,avg_kd,dkd,ca_mkd,dist
@@ -44,13 +44,13 @@ TUNE=(--tune avg_kd:tau=1,2,4 --tune ca_mkd:tau=1,2,4 --tune dist:tau=1,2,4
 
 case "${1:-}" in
   data)
-    "$ASIB" prepare-data recipes/study/fmnist_full.yaml || true   # refuses to overwrite a prepared folder
+    $ASIB prepare-data recipes/study/fmnist_full.yaml || true   # refuses to overwrite a prepared folder
     for t in resnet20 mobilenetv2; do
       [ -f "runs/fmnist_full/teachers/$t/summary.json" ] ||
-        "$ASIB" finetune-teacher recipes/study/fmnist_full.yaml --teacher "$t" --resume ||
-        "$ASIB" finetune-teacher recipes/study/fmnist_full.yaml --teacher "$t"
+        $ASIB finetune-teacher recipes/study/fmnist_full.yaml --teacher "$t" --resume ||
+        $ASIB finetune-teacher recipes/study/fmnist_full.yaml --teacher "$t"
     done
-    "$ASIB" prepare-data recipes/study/fmnist_transfer.yaml || true
+    $ASIB prepare-data recipes/study/fmnist_transfer.yaml || true
     ;;
   lr)
     compare "$2" lr --methods ce --seeds 0 --tune ce:student_optim.lr=0.003,0.01,0.03
