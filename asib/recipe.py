@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -25,7 +25,25 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from asib.errors import RecipeError, did_you_mean
+from asib.errors import RecipeError, clip, did_you_mean, short_repr
+
+# Bounds on values that drive work or memory. They are far above anything meant (a typo such
+# as an extra zero still passes), and low enough that a value beyond them fails here, before
+# any allocation, instead of running for ever or exhausting memory. Each is in the schema.
+MAX_EPOCHS = 10_000  # epochs of one phase (and warm-up/ramp lengths, in epochs)
+MAX_STAGES = 100
+MAX_BATCH = 65_536  # images per batch
+MAX_IMAGE_SIZE = 4_096  # pixels per side of a prepared image
+MAX_CROP_PADDING = 256
+MAX_TEACHERS = 64
+MAX_IB_DIM = 65_536
+MAX_HEADS = 1_024
+MAX_IB_SAMPLES = 1_024
+MAX_SEED = 2**63  # seeds are in [-2**63, 2**63): what every generator accepts
+# A recipe file, and what it expands to (YAML aliases repeat what they point to).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_DEPTH = 32
 
 
 class Spec(BaseModel):
@@ -40,7 +58,10 @@ class Spec(BaseModel):
 class AugmentSpec(Spec):
     """Batched augmentation applied by the in-memory loader on the training device."""
 
-    crop_padding: int = Field(4, ge=0, description="random crop after zero padding by this many pixels; 0 turns it off")
+    crop_padding: int = Field(
+        4, ge=0, le=MAX_CROP_PADDING,
+        description="random crop after zero padding by this many pixels; 0 turns it off",
+    )
     hflip: bool = Field(True, description="random horizontal flip")
     mixup_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) mixup; 0 turns it off")
     cutmix_alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) cutmix; 0 turns it off")
@@ -55,13 +76,16 @@ class DataSpec(Spec):
     download: bool = Field(False, description="let torchvision download the raw data into root")
     dir: str | None = Field(None, description="folder of the prepared data; default data/<name>")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train carved out as validation (seeded)")
-    image_size: int | None = Field(None, gt=0, description="resize every image to this square size")
+    image_size: int | None = Field(
+        None, gt=0, le=MAX_IMAGE_SIZE,
+        description=f"resize every image to this square size (at most {MAX_IMAGE_SIZE})",
+    )
     train_subset: int | None = Field(None, gt=0, description="keep only this many training images (seeded, stratified)")
     transfer_subset: int | None = Field(
         None, gt=0, description="after the validation split is carved, keep only this many of the training split"
         " (seeded, stratified): a smaller transfer set with the same validation and test splits"
     )
-    split_seed: int = Field(0, description="seed of the train/val split and the subset")
+    split_seed: int = Field(0, ge=-MAX_SEED, lt=MAX_SEED, description="seed of the train/val split and the subset")
 
 
 # ---------------------------------------------------------------- training
@@ -72,24 +96,31 @@ class OptimSpec(Spec):
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0)
-    weight_decay: float = Field(5e-4, ge=0, description="not applied to norms and biases")
+    weight_decay: float = Field(
+        5e-4, ge=0, description="not applied to norms and biases unless decay_norms_and_biases"
+    )
+    decay_norms_and_biases: bool = Field(
+        False, description="true: weight_decay on every parameter, as plain torch.optim.SGD/AdamW do"
+    )
     momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
+    nesterov: bool = Field(True, description="SGD only: Nesterov momentum (false: plain momentum)")
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from 0, in epochs (fractions allowed)")
+    warmup_epochs: float = Field(
+        0.0, ge=0, le=MAX_EPOCHS, description="linear warm-up from 0, in epochs (fractions allowed)"
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
 
 
 class TrainSpec(Spec):
     """Fine-tuning settings of one model trained with cross-entropy."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
     optim: OptimSpec = OptimSpec()
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     augment: AugmentSpec = AugmentSpec()
-    eval_batch_size: int = Field(512, ge=1)
+    eval_batch_size: int = Field(512, ge=1, le=MAX_BATCH)
 
 
 class ModelSpec(Spec):
@@ -126,8 +157,8 @@ class StudentSpec(ModelSpec):
 class IBMBMSpec(Spec):
     """Size of the fusion module; the query width is read from the student."""
 
-    dim: int = Field(1024, ge=8, description="token width D")
-    heads: int = Field(8, ge=1)
+    dim: int = Field(1024, ge=8, le=MAX_IB_DIM, description="token width D")
+    heads: int = Field(8, ge=1, le=MAX_HEADS)
     dropout: float = Field(0.0, ge=0, lt=1, description="attention dropout")
     head_dropout: float = Field(0.1, ge=0, lt=1, description="dropout in the synergy head")
     logvar_clamp: float = Field(10.0, gt=0, description="logvar is clamped to [-c, c]")
@@ -145,7 +176,8 @@ class DKDSpec(Spec):
     alpha: float = Field(1.0, ge=0, description="weight of the target-class term (TCKD)")
     beta: float = Field(8.0, ge=0, description="weight of the non-target-class term (NCKD)")
     warmup_epochs: int | None = Field(
-        None, ge=0, description="linear ramp of the DKD term in student epochs; default 1/12 of them (20 of 240 in the paper)"
+        None, ge=0, le=MAX_EPOCHS,
+        description="linear ramp of the DKD term in student epochs; default 1/12 of them (20 of 240 in the paper)"
     )
 
 
@@ -227,6 +259,9 @@ def distill_for_method(distill: dict[str, Any], method: str) -> dict[str, Any]:
     return {**{k: v for k, v in distill.items() if k in keep}, "method": method}
 
 
+_Epochs = Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
+
+
 class DistillSpec(Spec):
     """The distillation step: method, stages, losses and their weights (METHOD.md).
 
@@ -238,12 +273,16 @@ class DistillSpec(Spec):
     method: str = Field(
         "asib", description="asib, ce, kd, avg_kd, dkd, ca_mkd, dist (or a registered plug-in method)"
     )
-    num_stages: int = Field(4, ge=1)
-    student_epochs: int | list[int] = Field(5, description="B-step epochs per stage (one number or one per stage)")
-    teacher_adapt_epochs: int = Field(2, ge=0, description="A-step epochs per stage")
-    synergy_warmup_epochs: int = Field(0, ge=0, description="extra CE-only A-epochs before the first stage")
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(512, ge=1)
+    num_stages: int = Field(4, ge=1, le=MAX_STAGES)
+    student_epochs: _Epochs | list[_Epochs] = Field(
+        5, description="B-step epochs per stage (one number or one per stage)"
+    )
+    teacher_adapt_epochs: int = Field(2, ge=0, le=MAX_EPOCHS, description="A-step epochs per stage")
+    synergy_warmup_epochs: int = Field(
+        0, ge=0, le=MAX_EPOCHS, description="extra CE-only A-epochs before the first stage"
+    )
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = Field(512, ge=1, le=MAX_BATCH)
     student_optim: OptimSpec = OptimSpec(name="adamw", lr=1e-3, weight_decay=5e-4)
     teacher_optim: OptimSpec = OptimSpec(name="adamw", lr=1e-3, weight_decay=1e-4, schedule="constant")
     augment: AugmentSpec = AugmentSpec()
@@ -258,17 +297,17 @@ class DistillSpec(Spec):
         0.35, ge=0, description="KD toward the teacher average (kd, avg_kd: 0.7); ca_mkd: weighted KD (0.7)"
     )
     kd_ens_alpha: float = Field(0.35, ge=0, description="KD toward the synergy ensemble")
-    kd_warmup_epochs: int = Field(0, ge=0)
+    kd_warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS)
     tau: float = Field(4.0, gt=0, description="KD temperature (dist: 1.0)")
     tau_start: float | None = Field(None, gt=0, description="with tau_end: linear tau over all student epochs")
     tau_end: float | None = Field(None, gt=0)
     ib: bool = True
     ib_beta: float = Field(1e-3, ge=0)
-    ib_beta_warmup_epochs: int = Field(3, ge=0)
-    ib_target_samples: int = Field(8, ge=1)
+    ib_beta_warmup_epochs: int = Field(3, ge=0, le=MAX_EPOCHS)
+    ib_target_samples: int = Field(8, ge=1, le=MAX_IB_SAMPLES)
     cccp: bool = True
     cccp_alpha: float | None = Field(None, ge=0, description="default: kd_ens_alpha")
-    cccp_ramp_epochs: int = Field(1, ge=0)
+    cccp_ramp_epochs: int = Field(1, ge=0, le=MAX_EPOCHS)
     synergy_target: Literal["noise_avg", "mu"] = Field(
         "noise_avg", description="B-step target: noise-averaged predictive distribution, or G(mu) (ablation)"
     )
@@ -372,10 +411,15 @@ class DistillSpec(Spec):
 
 
 class Recipe(Spec):
-    """One pipeline: data, teachers, student, distillation."""
+    """One pipeline: data, teachers, student, distillation.
+
+    Values that drive work or memory have generous upper bounds (each field's ``maximum``); a
+    recipe file is at most 1 MiB of UTF-8 YAML, gives each key once, and expands (YAML aliases
+    included) to at most 100000 values nested at most 32 levels deep.
+    """
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=-MAX_SEED, lt=MAX_SEED)
     out_dir: str | None = Field(None, description="run folder; default runs/<name>")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = Field(False, description="bit-for-bit repeatable on CPU (slower on CUDA)")
@@ -387,7 +431,7 @@ class Recipe(Spec):
     )
     sync_bn: bool = Field(False, description="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
     data: DataSpec = DataSpec()
-    teachers: list[TeacherSpec] = Field(default_factory=list)
+    teachers: list[TeacherSpec] = Field(default_factory=list, max_length=MAX_TEACHERS)
     student: StudentSpec | None = None
     distill: DistillSpec = DistillSpec()
 
@@ -437,6 +481,109 @@ class Recipe(Spec):
 # ---------------------------------------------------------------- loading
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice (plain YAML keeps the last and says nothing)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(
+            None, None, f"key {short_repr(key, 80)} given twice (lines {first.line + 1} and {again.line + 1})",
+            again,
+        )
+        self.key = key
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    Anchors, aliases and merge keys (``<<: *base``) work as in YAML: a key that a merge brings
+    in may be given again explicitly (that is what merging is for); only keys written twice
+    in the same mapping are refused.
+    """
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Called on every mapping before its merge keys are folded in (also on a mapping that
+        # another one merges), so each is checked once, as written.
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+        super().flatten_mapping(node)
+
+
+def _yaml_path(text: str, index: int) -> str | None:
+    """The YAML path (``distill.tau``) of the mapping key that starts at character ``index``."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())] if root is not None else []
+    seen: set[int] = set()
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                here = (*loc, key_node.value if isinstance(key_node, yaml.ScalarNode) else "?")
+                if key_node.start_mark.index == index:
+                    return _loc_text(here)
+                stack.append((value_node, here))
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(item, (*loc, i)) for i, item in enumerate(node.value)]
+    return None
+
+
+def _parse_yaml(text: str) -> Any:
+    """YAML through ``RecipeLoader`` (a key given twice is an error)."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: Exception, text: str) -> str:
+    """One line for a YAML that does not load: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    if isinstance(exc, DuplicateKeyError) and mark is not None:
+        path = _yaml_path(text, mark.index)
+        return f"{path or short_repr(exc.key, 80)}: {exc.problem}; give each key once"
+    if isinstance(exc, yaml.YAMLError):
+        return f"not valid YAML{where}: {clip(str(getattr(exc, 'problem', None) or exc), 200)}"
+    return f"not valid YAML: {clip(str(exc), 200)}"  # a value PyYAML cannot build (a 5000-digit int, 2020-13-45)
+
+
+def check_size(data: Any) -> list[str]:
+    """Problems with the sheer size of loaded YAML: more values than any recipe has, or deeper
+    nesting (YAML aliases can repeat a block many times over, or point into themselves).
+
+    Walks at most ``MAX_RECIPE_VALUES`` values, so it is fast whatever the aliases expand to.
+    """
+    count = 0
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while stack:
+        value, loc = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            where = _loc_text(loc) or "(top level)"
+            return [f"{where}: the recipe expands to more than {MAX_RECIPE_VALUES} values"
+                    " (YAML aliases repeat what they point to); a recipe holds a few hundred"]
+        if len(loc) > MAX_RECIPE_DEPTH:
+            return [f"{_loc_text(loc[:MAX_RECIPE_DEPTH])}: nested more than {MAX_RECIPE_DEPTH} levels deep"
+                    " (does a YAML alias point into itself?)"]
+        if isinstance(value, dict):
+            stack += [(v, (*loc, str(k))) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, (*loc, i)) for i, v in enumerate(value)]
+    return []
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (value parsed as YAML; ``teachers.1.arch`` or
     ``teachers[1].arch`` address list items). Returns a new dict; ``data`` is not changed.
@@ -448,23 +595,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     problems = []
     for item in overrides:
         if "=" not in item:
-            problems.append(f"--set {item}: expected key.sub=value")
+            problems.append(f"--set {clip(item, 200)}: expected key.sub=value")
             continue
         key, raw = item.split("=", 1)
+        key = clip(key, 200)
         parts = [p for p in re.split(r"\.|\[(\d+)\]", key.strip()) if p]
         if not parts:
-            problems.append(f"--set {item}: the key before '=' is empty")
+            problems.append(f"--set {clip(item, 200)}: the key before '=' is empty")
             continue
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            problems.append(f"--set {key}: value is not valid YAML ({exc.__class__.__name__})")
+            value = _parse_yaml(raw)
+        except (yaml.YAMLError, ValueError) as exc:
+            problems.append(f"--set {key}: value is not valid YAML ({_yaml_problem(exc, raw)})")
             continue
         node: Any = out
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             if isinstance(node, list):
-                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                if not re.fullmatch(r"-?[0-9]{1,9}", part) or not -len(node) <= int(part) < len(node):
                     problems.append(f"--set {key}: '{part}' is not an index of a list of {len(node)}")
                     break
                 slot: Any = int(part)
@@ -521,27 +669,35 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+_TYPES = frozenset({"int", "str", "float", "bool"})  # union member names pydantic puts in an error's loc
+
+
+def _union_member(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part.removeprefix("constrained-") in _TYPES)
+
+
 def format_validation_error(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
     """One line per problem: ``path: what is wrong (given: value)``."""
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # pydantic puts union member names (e.g. 'int', 'list[int]') in loc; drop them.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"int", "str", "float"})))
-        path = _loc_text(loc) or "(top level)"
+        loc = tuple(p for p in loc if not _union_member(p))
+        path = clip(_loc_text(loc) or "(top level)", 200)
         if err["type"] == "unused_key":
             ctx = err.get("ctx") or {}
             where = f"{_loc_text(loc)}." if loc else ""
-            lines += [f"{where}{key}: not used by method {ctx.get('method')}" for key in ctx.get("keys", [])]
+            lines += [f"{where}{clip(str(key), 200)}: not used by method {ctx.get('method')}"
+                      for key in ctx.get("keys", [])]
             continue
         if err["type"] == "extra_forbidden":
             owner = _model_at(loc, root or Recipe)
             hint = did_you_mean(str(loc[-1]), list(owner.model_fields)) if owner else ""
             lines.append(f"{path}: unknown key{hint}")
             continue
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = clip(err["msg"].removeprefix("Value error, "), 200)
         given = err.get("input")
-        shown = "" if err["type"] == "missing" or isinstance(given, dict) else f" (given: {given!r})"
+        shown = "" if err["type"] == "missing" or isinstance(given, dict) else f" (given: {short_repr(given)})"
         lines.append(f"{path}: {msg}{shown}")
     # Union types report the same location more than once; keep the first of each.
     seen: dict[str, str] = {}
@@ -554,6 +710,9 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
     """Validate a plain dict into a Recipe, with the CLI's error lines."""
     if not isinstance(data, dict):
         raise RecipeError(["(top level): a recipe is a mapping of sections"], source)
+    too_big = check_size(data)
+    if too_big:
+        raise RecipeError(too_big, source)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -568,16 +727,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, method: st
     keeps every key, so another method's knob is an error there.
     """
     path = Path(path)
-    if not path.exists():
-        raise RecipeError([f"{path}: no such file"], hint="recipes/ holds ready recipes, e.g. recipes/digits.yaml")
-    if path.is_dir():
-        raise RecipeError([f"{path}: is a folder, not a YAML recipe"])
+    text = read_recipe_text(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError([f"not valid YAML{where}: {getattr(exc, 'problem', exc)}"], str(path)) from None
+        data = _parse_yaml(text) or {}
+    except (yaml.YAMLError, ValueError) as exc:
+        raise RecipeError([_yaml_problem(exc, text)], str(path)) from None
     if isinstance(data, dict) and "name" not in data:
         data = {"name": path.stem, **data}
     data = apply_overrides(data, overrides or []) if isinstance(data, dict) else data
@@ -585,6 +739,41 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, method: st
         distill = data.get("distill") or {}
         data = {**data, "distill": distill_for_method(distill if isinstance(distill, dict) else {}, method)}
     return recipe_from_dict(data, str(path))
+
+
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file: a file (not a folder), of a recipe's size, in UTF-8."""
+    if not path.exists():
+        raise RecipeError([f"{path}: no such file"], hint="recipes/ holds ready recipes, e.g. recipes/digits.yaml")
+    if path.is_dir():
+        raise RecipeError([f"{path}: is a folder, not a YAML recipe"])
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot be read ({exc.strerror or exc.__class__.__name__})"]) from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"(file): larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a few kB of YAML"],
+                          str(path))
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(
+            [f"(file): not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line})"], str(path),
+            hint="save the recipe as UTF-8",
+        ) from None
+
+
+def canonical_recipe(text: str) -> str:
+    """A resolved recipe.yaml as this asib resolves it: a field added since the file was
+    written (with its default) does not make two runs' recipes differ. Text that is not a
+    whole recipe (the library's distill-only record) is returned as it is."""
+    try:
+        data = yaml.safe_load(text)
+        return recipe_from_dict(data).to_yaml() if isinstance(data, dict) and "name" in data else text
+    except (yaml.YAMLError, RecipeError):
+        return text
 
 
 def spec_from(spec_cls: type[Spec], value: Spec | dict[str, Any]) -> Any:

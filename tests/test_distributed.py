@@ -160,10 +160,9 @@ def test_distill_two_ranks_match_one_process(runs: Path) -> None:
 
 
 def test_rank_zero_alone_writes(runs: Path) -> None:
-    rank0 = (runs / "pids" / "rank0.pid").read_text()
     pairs = ((runs / "ref" / "teachers" / "t1", runs / "ddp" / "teachers" / "t1"), (runs / "ref", runs / "ddp_kd"))
     for ref, ddp in pairs:
-        assert (ddp / ".lock").read_text() == rank0  # the lock holder (rank 0) wrote the folder
+        assert not (ddp / ".lock").exists()  # rank 0 alone locked the folder, and let it go at the end
         assert {p.name for p in ddp.iterdir()} == {p.name for p in ref.iterdir()} - {"teachers"}
         assert not (ddp / "train_state.safetensors").exists()
 

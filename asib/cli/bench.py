@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from asib.cli._common import QuietOpt, RecipeArg, SetOpt, err_console, handle_errors, load, out_console
+from asib.cli._common import QuietOpt, RecipeArg, SetOpt, err_console, handle_errors, load, out_console, shown
 
 
 @handle_errors
@@ -80,8 +80,8 @@ def print_tables(f: dict[str, Any]) -> None:
     s = f["setting"]
     p = s["precision"]
     console.print(
-        f"[bold]asib bench {s['recipe']}[/bold] on {s['device']} (torch {s['torch']}, {s['threads']} threads); "
-        f"data: {s['data']}; batch {s['batch_size']['distill']} (fine-tuning {s['batch_size']['finetune']})"
+        f"[bold]asib bench {shown(s['recipe'])}[/bold] on {s['device']} (torch {s['torch']}, {s['threads']} threads); "
+        f"data: {shown(s['data'])}; batch {s['batch_size']['distill']} (fine-tuning {s['batch_size']['finetune']})"
     )
     console.print(
         f"precision: train {p['train']}, teachers {p['teachers']}, channels_last {p['channels_last']}, "

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from asib.cli._common import RecipeArg, SetOpt, handle_errors, out_console
+from asib.cli._common import RecipeArg, SetOpt, handle_errors, out_console, printable, shown
 
 
 @handle_errors
@@ -61,7 +61,7 @@ def compare(
     console = out_console()
 
     def say(line: str) -> None:
-        console.print(line, markup=False, highlight=False)
+        console.print(printable(line), markup=False, highlight=False)
 
     result = run_compare(spec, folder, jobs=jobs, threads=threads, dry_run=dry_run, plots=not table_only, say=say)
     if dry_run:
@@ -70,5 +70,5 @@ def compare(
     console.print(result.table, markup=False, end="")
     console.print(f"\nwrote {', '.join(p.name for p in result.files)} to {result.folder}", markup=False)
     if result.failed:
-        console.print(f"[red]{len(result.failed)} run(s) failed:[/red] {', '.join(result.failed)}")
+        console.print(f"[red]{len(result.failed)} run(s) failed:[/red] {shown(', '.join(result.failed))}")
         raise typer.Exit(1)

@@ -13,10 +13,14 @@ from asib.cli._common import (
     QuietOpt,
     RecipeArg,
     ResumeOpt,
+    SaveEveryOpt,
     SetOpt,
     handle_errors,
     load,
+    loop_config,
+    notice,
     out_console,
+    printable,
     progress,
 )
 
@@ -33,16 +37,23 @@ def distill(
     resume: ResumeOpt = False,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
-    save_every: Annotated[int, typer.Option(help="also save the train state every N steps (0: epoch ends)")] = 0,
+    save_every: SaveEveryOpt = None,
 ) -> None:
-    """Train the student from the teachers' checkpoints; write student.safetensors and synergy.safetensors."""
+    """Train the student from the teachers' checkpoints; write student.safetensors and synergy.safetensors.
+
+    With --resume a stopped run goes on from its train state; one stopped before its first
+    train state starts again from the beginning, and a finished one is left as it is (exit 0),
+    so a preempted job can simply run the same command again.
+    """
+    loop = loop_config(save_every)
     r = load(recipe, set_, method=method)
-    from asib.engine.loop import LoopConfig
     from asib.pipeline.distill import distill as run_distill
 
     result = run_distill(
-        r, force=force, resume=resume, progress=progress(quiet), loop=LoopConfig(save_every_steps=save_every), run_dir=out
+        r, force=force, resume=resume, progress=progress(quiet), loop=loop, run_dir=out, notice=notice
     )
+    if result.finished_before:
+        return
     console = out_console()
     for line in result.table_lines():
-        console.print(line, markup=False)
+        console.print(printable(line), markup=False)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from asib.cli._common import handle_errors, out_console
+from asib.cli._common import handle_errors, out_console, shown
 
 
 @handle_errors
@@ -17,7 +17,7 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="prepared data folder (from asib prepare-data)")],
     split: Annotated[str, typer.Option(help="train, val or test")] = "test",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (top1, top5, nll, ece, n, per_class)")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     per_class: Annotated[bool, typer.Option("--per-class", help="also show every class's accuracy")] = False,
 ) -> None:
     """Top-1, top-5, NLL, ECE (15 bins) and per-class accuracy of a checkpoint."""
@@ -29,7 +29,7 @@ def evaluate(
         return
     from rich.table import Table
 
-    table = Table(title=f"{about['kind']} {about['arch']} on {data} ({split}, n={result.n})")
+    table = Table(title=shown(f"{about['kind']} {about['arch']} on {data} ({split}, n={result.n})"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("top-1 %", f"{result.top1:.2f}")
@@ -38,5 +38,5 @@ def evaluate(
     table.add_row("ECE", f"{result.ece:.4f}")
     if per_class:
         for name, acc in zip(about["classes"], result.per_class, strict=True):
-            table.add_row(f"  {name}", f"{acc:.2f}")
+            table.add_row(f"  {shown(name)}", f"{acc:.2f}")
     out_console().print(table)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from asib.cli._common import handle_errors, out_console
+from asib.cli._common import handle_errors, out_console, printable
 
 
 class ExportFormat(str, Enum):
@@ -37,9 +37,10 @@ def export(
     result = export_checkpoint(checkpoint, format_.value, out, data_dir=data, force=force)
     size = f"{result.bytes / 1e6:.2f} MB" if result.bytes >= 1e5 else f"{result.bytes / 1e3:.1f} kB"
     console = out_console()
-    console.print(f"wrote {result.out} ({result.format}, {result.kind} {result.arch}, {size})", markup=False)
+    wrote = f"wrote {result.out} ({result.format}, {result.kind} {result.arch}, {size})"
+    console.print(printable(wrote), markup=False)
     console.print(
-        f"max |{result.format} - torch| = {result.max_abs_diff:.3g} on {result.inputs}", markup=False
+        printable(f"max |{result.format} - torch| = {result.max_abs_diff:.3g} on {result.inputs}"), markup=False
     )
     if result.note:
         console.print(f"note: {result.note}", markup=False, style="dim")

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from asib.cli._common import ForceOpt, QuietOpt, RecipeArg, SetOpt, handle_errors, load, out_console
+from asib.cli._common import (
+    QuietOpt,
+    RecipeArg,
+    SetOpt,
+    handle_errors,
+    load,
+    out_console,
+    path_override,
+    printable,
+)
 
 
 @handle_errors
@@ -15,11 +24,13 @@ def prepare_data(
     recipe: RecipeArg,
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="prepared-data folder (overrides data.dir)")] = None,
-    force: ForceOpt = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace a dataset asib prepared there (never a folder of other files)")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Read the recipe's data source and write train/val/test tensors plus dataset.json."""
-    sets = list(set_ or []) + ([f"data.dir={out}"] if out else [])
+    sets = list(set_ or []) + ([path_override("data.dir", out)] if out else [])
     r = load(recipe, sets, check_models=False)
     from asib.data import prepare_data as run_prepare
 
@@ -28,5 +39,6 @@ def prepare_data(
         counts = ", ".join(f"{k} {v}" for k, v in info.counts.items())
         h, w = info.image_size
         out_console().print(
-            f"prepared {info.source} into {r.data_dir}: {counts}; {info.num_classes} classes, {h}x{w}", markup=False
+            printable(f"prepared {info.source} into {r.data_dir}: {counts}; {info.num_classes} classes, {h}x{w}"),
+            markup=False,
         )

@@ -25,6 +25,7 @@ def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 
 @app.command("schema")
+@handle_errors
 def schema(
     out: Annotated[Path | None, typer.Option("--out", help="write to this file instead of stdout")] = None,
 ) -> None:
@@ -40,6 +41,8 @@ def schema(
     schema["x-asib-method-defaults"] = {m: METHOD_DEFAULTS.get(m, {}) for m in METHOD_KEYS}
     text = json.dumps(schema, indent=2)
     if out:
-        out.write_text(text + "\n")
+        from asib.engine.io import atomic_write_text
+
+        atomic_write_text(out, text + "\n")
     else:
         typer.echo(text)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from asib.cli._common import handle_errors, out_console
+from asib.cli._common import handle_errors, out_console, printable
 
 
 class GroupBy(str, Enum):
@@ -37,4 +37,5 @@ def report(
     console.print(result.table, markup=False, end="")
     n_png = sum(p.suffix == ".png" for p in result.files)
     plots = f"{n_png} plots, " if n_png else ""
-    console.print(f"\nwrote {plots}report.md and report.json to {result.out_dir}", markup=False)
+    console.print()
+    console.print(printable(f"wrote {plots}report.md and report.json to {result.out_dir}"), markup=False)

@@ -8,6 +8,7 @@ is fast, offline and the same on every run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from asib.data.sources import RawData, load_source, stratified_split
-from asib.errors import DataError
+from asib.errors import DataError, WriteError, first_line, write_error
 from asib.recipe import DataSpec
 
 FORMAT_VERSION = 1
@@ -95,7 +96,7 @@ class DatasetInfo:
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise DataError(
-                f"{where}: malformed ({exc.__class__.__name__}: {exc})", hint=PREPARE_HINT
+                f"{where}: malformed ({exc.__class__.__name__}: {first_line(exc, 150)})", hint=PREPARE_HINT
             ) from None
         if (
             len(info.classes) != info.num_classes
@@ -111,8 +112,8 @@ class DatasetInfo:
     def from_json(cls, text: str, where: str = INFO_FILE) -> DatasetInfo:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc})", hint=PREPARE_HINT) from None
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{where}: not valid JSON ({first_line(exc, 150)})", hint=PREPARE_HINT) from None
         return cls.from_dict(data, where)
 
 
@@ -172,25 +173,109 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+PREPARED_FILES = frozenset({INFO_FILE, *(f"{split}.safetensors" for split in SPLITS)})
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` asib did not write as a prepared dataset: every entry but plain files
+    named as its files (folders get a trailing ``/``); all of it when dataset.json is not asib's."""
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    foreign = [
+        e.name + ("/" if e.is_dir(follow_symlinks=False) else "")
+        for e in entries
+        if e.name not in PREPARED_FILES or not e.is_file(follow_symlinks=False)
+    ]
+    if not foreign and entries and not _is_asib_info(folder / INFO_FILE):
+        foreign = [e.name for e in entries]
+    return foreign
+
+
+def _is_asib_info(path: Path) -> bool:
+    """Whether ``path`` is a dataset.json that asib wrote (of this format version or an older one)."""
+    try:
+        data = json.loads(path.read_bytes()[: 64 << 20])
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"format_version", "source", "classes", "sha256"} <= set(data)
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _check_target(out_dir: Path, force: bool) -> None:
-    """Refuse to replace an existing dataset (or any non-empty folder) unless forced."""
-    if force or not out_dir.exists():
+    """May ``out_dir`` receive a prepared dataset? A missing or empty folder may; a dataset that
+    asib prepared may with ``force``; anything else never (``force`` removes only asib's files)."""
+    if not os.path.lexists(out_dir):
         return
-    if (out_dir / INFO_FILE).exists():
+    here = Path.cwd().resolve()
+    target = out_dir.resolve()
+    if target == here or target in here.parents:
+        raise DataError(
+            f"{out_dir}: is the working folder (or holds it); a prepared dataset needs a folder of its own",
+            hint="give --out data/NAME (or data.dir in the recipe)",
+        )
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder", hint="choose another --out (or data.dir)")
+    try:
+        foreign = _foreign_entries(out_dir)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot be read ({exc.strerror})") from None
+    if foreign:
+        raise DataError(
+            f"{out_dir}: holds files that asib did not write ({_listing(foreign)}); it is not a prepared dataset,"
+            " so asib leaves it alone",
+            hint="choose another --out (or data.dir), or move those files away",
+        )
+    if any(out_dir.iterdir()) and not force:
         raise DataError(f"{out_dir}: already prepared; use --force to prepare it again")
-    if not out_dir.is_dir() or any(out_dir.iterdir()):
-        raise DataError(f"{out_dir}: exists and is not a prepared dataset; use --force to replace it")
+
+
+def _holds_only_prepared(folder: Path) -> bool:
+    return all(e.name in PREPARED_FILES and e.is_file(follow_symlinks=False) for e in os.scandir(folder))
+
+
+def _remove_leftovers(out_dir: Path) -> list[str]:
+    """Remove the ``.<name>.tmp-*`` and ``.<name>.old-*`` folders that a killed prepare-data
+    left beside ``out_dir``, when they hold nothing but a prepared dataset's files."""
+    out_dir = Path(os.path.abspath(out_dir))
+    name, removed = out_dir.name, []
+    if not out_dir.parent.is_dir():
+        return removed
+    for entry in os.scandir(out_dir.parent):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        left = Path(entry.path)
+        if entry.name.startswith(f".{name}.tmp-"):
+            ours = _holds_only_prepared(left)
+        elif entry.name.startswith(f".{name}.old-"):
+            inner = os.listdir(left)
+            ours = not inner or (inner == [name] and not (left / name).is_symlink() and (left / name).is_dir()
+                                 and _holds_only_prepared(left / name))
+        else:
+            continue
+        if ours:
+            shutil.rmtree(left)
+            removed.append(entry.name)
+    return removed
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
     """Move the finished ``tmp`` onto ``out_dir``; an old ``out_dir`` is removed only after that."""
-    old = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old)
+    out_dir = Path(os.path.abspath(out_dir))
+    if not os.path.lexists(out_dir):
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / out_dir.name)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        os.replace(old / out_dir.name, out_dir)  # put the previous dataset back
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
 
 
 def _carve_splits(
@@ -232,11 +317,23 @@ def _carve_splits(
     return tensors, stats
 
 
+def _umask() -> int:
+    """The process's umask, read from /proc where it can be (without changing it)."""
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_split(folder: Path, split: str, images: torch.Tensor, labels: torch.Tensor) -> str:
     """Write one split's safetensors file, flushed to disk; returns its sha256."""
     path = folder / f"{split}.safetensors"
     save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(path))
     with open(path, "rb+") as fh:
+        os.fchmod(fh.fileno(), 0o666 & ~_umask())  # safetensors writes private files; the umask decides
         os.fsync(fh.fileno())
     return _sha256(path)
 
@@ -277,36 +374,64 @@ def write_prepared(
     tensors, stats_images = _carve_splits(raw, spec, say)
     say("computing mean and std on train")
     mean, std = channel_stats(stats_images)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        sha = {}
-        for split, (images, labels) in tensors.items():
-            say(f"writing {split} ({len(labels)} images)")
-            sha[split] = _write_split(tmp, split, images, labels)
-        height, width = tensors["train"][0].shape[-2:]
-        info = DatasetInfo(
-            source=source,
-            name=name,
-            classes=raw.classes,
-            num_classes=len(raw.classes),
-            image_size=(int(height), int(width)),
-            mean=tuple(mean),
-            std=tuple(std),
-            split_seed=spec.split_seed,
-            val_fraction=spec.val_fraction,
-            train_subset=spec.train_subset,
-            transfer_subset=spec.transfer_subset,
-            counts={split: len(labels) for split, (_, labels) in tensors.items()},
-            sha256=sha,
-        )
-        (tmp / INFO_FILE).write_text(info.to_json())
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if force:
+            _remove_leftovers(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{Path(os.path.abspath(out_dir)).name}.tmp-", dir=out_dir.parent))
+    except OSError as exc:
+        raise write_error(exc.filename or out_dir.parent, exc) from None
+    try:
+        info = _write_folder(tmp, tensors, raw, spec, source, name, mean, std, say)
         _check_target(out_dir, force)  # someone may have prepared it meanwhile
         _replace_dir(tmp, out_dir)
+    except OSError as exc:
+        raise write_error(out_dir, exc) from None
+    except SafetensorError as exc:  # safetensors reports a failed write as its own error
+        raise WriteError(f"{out_dir}: cannot write ({first_line(exc)})",
+                         hint="the previous files are kept") from None
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # a write failed already: that is the error to report
     say(f"prepared {out_dir}")
+    return info
+
+
+def _write_folder(
+    tmp: Path,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    raw: RawData,
+    spec: DataSpec,
+    source: str,
+    name: str,
+    mean: list[float],
+    std: list[float],
+    say: Callable[[str], None],
+) -> DatasetInfo:
+    """Write the splits and dataset.json into the private folder ``tmp``, then give it the
+    permissions the umask says (mkdtemp makes it private to the owner)."""
+    sha = {}
+    for split, (images, labels) in tensors.items():
+        say(f"writing {split} ({len(labels)} images)")
+        sha[split] = _write_split(tmp, split, images, labels)
+    height, width = tensors["train"][0].shape[-2:]
+    info = DatasetInfo(
+        source=source,
+        name=name,
+        classes=raw.classes,
+        num_classes=len(raw.classes),
+        image_size=(int(height), int(width)),
+        mean=tuple(mean),
+        std=tuple(std),
+        split_seed=spec.split_seed,
+        val_fraction=spec.val_fraction,
+        train_subset=spec.train_subset,
+        transfer_subset=spec.transfer_subset,
+        counts={split: len(labels) for split, (_, labels) in tensors.items()},
+        sha256=sha,
+    )
+    (tmp / INFO_FILE).write_text(info.to_json())
+    os.chmod(tmp, 0o777 & ~_umask())
     return info
 
 
@@ -318,7 +443,12 @@ def load_info(data_dir: str | Path) -> DatasetInfo:
     path = Path(data_dir) / INFO_FILE
     if not path.is_file():
         raise DataError(f"{data_dir}: no prepared dataset ({INFO_FILE} missing)", hint=PREPARE_HINT)
-    return DatasetInfo.from_json(path.read_text(), str(path))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (at byte {exc.start})",
+                        hint=PREPARE_HINT + " (with --force)") from None
+    return DatasetInfo.from_json(text, str(path))
 
 
 def load_split(data_dir: str | Path, split: str, verify: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ Nothing here unpickles anything.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,14 @@ import torch
 from torch import nn
 
 from asib.engine.io import atomic_write
-from asib.errors import CheckpointError
+from asib.errors import AsibError, CheckpointError, clip, first_line, short_repr
 
 FORMAT_VERSION = "1"
 MODEL_KINDS = ("teacher", "student")
 KINDS = (*MODEL_KINDS, "synergy")
+MAX_CLASSES = 100_000  # a class count beyond this in a header is not one (ImageNet-21k has 21,841)
+MAX_WIDTH = 1 << 16  # feature widths named in a synergy header
+REWRITE_HINT = "the file may be damaged or not written by asib; re-run the step that wrote it"
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,13 @@ class CheckpointInfo:
 
     def json_field(self, key: str) -> Any:
         raw = self.meta.get(f"asib.{key}")
-        return None if raw is None else json.loads(raw)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise CheckpointError(f"{self.path}: asib.{key} in its header is not JSON ({short_repr(raw, 80)})",
+                                  hint=REWRITE_HINT) from None
 
 
 def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,12 +113,26 @@ def read_info(path: str | Path) -> CheckpointInfo:
             meta = dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for bad headers
         raise CheckpointError(
-            f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:120]})",
+            f"{path}: not a readable safetensors file ({first_line(exc, 120)})",
             hint="the file may be truncated or not a checkpoint; re-run the step that wrote it",
         ) from None
     kind = meta.get("asib.kind")
     if kind not in KINDS:
         raise CheckpointError(f"{path}: not an asib checkpoint (no asib.kind in its header)")
+    arch, classes = meta.get("asib.arch"), meta.get("asib.num_classes")
+    if not arch:
+        raise CheckpointError(f"{path}: its header has no asib.arch, so the model cannot be rebuilt",
+                              hint=REWRITE_HINT)
+    if classes is None or not re.fullmatch(r"[0-9]{1,6}", classes) or not 1 <= int(classes) <= MAX_CLASSES:
+        raise CheckpointError(
+            f"{path}: asib.num_classes in its header is {short_repr(classes, 40)}, not a class count",
+            hint=REWRITE_HINT,
+        )
+    if meta.get("asib.small_input", "false") not in ("true", "false"):
+        raise CheckpointError(
+            f"{path}: asib.small_input in its header is {short_repr(meta['asib.small_input'], 40)}, not true or false",
+            hint=REWRITE_HINT,
+        )
     return CheckpointInfo(path, kind, meta)
 
 
@@ -120,7 +144,7 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         return load_file(str(path), device=str(device))
     except Exception as exc:  # a short read or corrupt body
         raise CheckpointError(
-            f"{path}: cannot read its tensors ({str(exc).splitlines()[0][:120]})",
+            f"{path}: cannot read its tensors ({first_line(exc, 120)})",
             hint="the file may be truncated; re-run the step that wrote it",
         ) from None
 
@@ -135,15 +159,36 @@ def load_model(
     if info.kind not in kinds:
         wanted = " or ".join(kinds)
         raise CheckpointError(f"{info.path}: is a {info.kind} checkpoint; expected a {wanted} checkpoint")
-    model = create_model(info.arch, info.num_classes, small_input=info.small_input)
-    state = load_tensors(info.path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = create_model(info.arch, info.num_classes, small_input=info.small_input)
+    except AsibError as exc:  # an architecture this installation does not know
+        raise CheckpointError(f"{info.path}: {exc.message}", hint=exc.hint) from None
+    load_fitting(model, load_tensors(info.path), info.path, info.arch)
+    return model.to(device).eval(), info
+
+
+def load_fitting(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """Load ``state`` into ``module`` when every name and shape fits, else one CheckpointError
+    saying what does not (the tensors of a file are checked before they are used)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         raise CheckpointError(
-            f"{info.path}: does not fit {info.arch} ({len(missing)} missing, {len(unexpected)} unexpected keys,"
-            f" e.g. {(list(missing) + list(unexpected))[0]})"
+            f"{path}: does not fit {clip(what, 100)} ({len(missing)} missing, {len(unexpected)} unexpected tensors,"
+            f" e.g. {clip((missing + unexpected)[0], 100)})", hint=REWRITE_HINT,
         )
-    return model.to(device).eval(), info
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(
+                f"{path}: does not fit {clip(what, 100)} (tensor {clip(key, 100)} is {tuple(value.shape)},"
+                f" the model's is {tuple(own[key].shape)})", hint=REWRITE_HINT,
+            )
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:  # e.g. a dtype that cannot be copied into the parameter
+        raise CheckpointError(f"{path}: does not fit {clip(what, 100)} ({first_line(exc)})",
+                              hint=REWRITE_HINT) from None
 
 
 def checkpoint_extras(recipe: Any, info: Any, **more: Any) -> dict[str, Any]:
@@ -210,25 +255,52 @@ def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _synergy_header(info: CheckpointInfo) -> tuple[list[str], str, int, list[int], Any, bool, bool]:
+    """The fields of a synergy header, each checked (a header is read from a file)."""
+    from pydantic import ValidationError
+
+    from asib.recipe import IBMBMSpec
+
+    teachers, student = info.json_field("teachers"), info.json_field("student")
+    query_dim, dims = info.json_field("query_dim"), info.json_field("teacher_dims")
+
+    def width(v: Any) -> bool:
+        return type(v) is int and 1 <= v <= MAX_WIDTH
+
+    ok = (
+        isinstance(teachers, list) and 1 <= len(teachers) <= 64 and all(isinstance(t, str) for t in teachers)
+        and isinstance(student, str) and width(query_dim)
+        and isinstance(dims, list) and len(dims) == len(teachers) and all(width(d) for d in dims)
+    )
+    if not ok:
+        raise CheckpointError(f"{info.path}: its synergy header is incomplete or malformed", hint=REWRITE_HINT)
+    try:
+        spec = IBMBMSpec.model_validate(info.json_field("ib_mbm"))
+    except ValidationError:
+        raise CheckpointError(f"{info.path}: asib.ib_mbm in its header is not a valid ib_mbm section",
+                              hint=REWRITE_HINT) from None
+    adapted = bool(info.json_field("adapted_teachers"))
+    return teachers, student, query_dim, dims, spec, bool(info.json_field("ib")), adapted
+
+
 def load_synergy_predictor(info: CheckpointInfo, runtime: Any):
     """A function x -> synergy logits, rebuilt from a synergy checkpoint and the files it names."""
     from asib.models.ib_mbm import IBMBM, SynergyHead
-    from asib.recipe import IBMBMSpec
 
     base = info.path.parent
+    teacher_refs, student_ref, query_dim, dims, ib_spec, ib, adapted = _synergy_header(info)
     tensors = load_tensors(info.path)
     teachers = []
-    for k, ref in enumerate(info.json_field("teachers")):
+    for k, ref in enumerate(teacher_refs):
         teacher, _ = load_model(_resolve(ref, base), kinds=("teacher",), device=runtime.device)
-        if info.json_field("adapted_teachers"):
-            teacher.load_state_dict(_take(tensors, f"teacher{k}."))
+        if adapted:
+            load_fitting(teacher, _take(tensors, f"teacher{k}."), info.path, f"teacher {k} ({teacher.arch})")
         teachers.append(teacher.eval())
-    student, _ = load_model(_resolve(info.json_field("student"), base), kinds=("student",), device=runtime.device)
-    ib_spec = IBMBMSpec.model_validate(info.json_field("ib_mbm"))
-    ib_mbm = IBMBM(info.json_field("query_dim"), info.json_field("teacher_dims"), ib_spec, ib=info.json_field("ib"))
+    student, _ = load_model(_resolve(student_ref, base), kinds=("student",), device=runtime.device)
+    ib_mbm = IBMBM(query_dim, dims, ib_spec, ib=ib)
     head = SynergyHead(ib_spec.dim, info.num_classes, ib_spec.head_dropout)
-    ib_mbm.load_state_dict(_take(tensors, "ib_mbm."))
-    head.load_state_dict(_take(tensors, "head."))
+    load_fitting(ib_mbm, _take(tensors, "ib_mbm."), info.path, "its fusion module (ib_mbm)")
+    load_fitting(head, _take(tensors, "head."), info.path, "its synergy head")
     ib_mbm.to(runtime.device).eval()
     head.to(runtime.device).eval()
 

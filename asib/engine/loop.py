@@ -24,7 +24,7 @@ from asib.engine.progress import Progress, format_record
 from asib.engine.runfolder import RunFolder
 from asib.engine.runtime import rng_state, set_rng_state
 from asib.engine.trainstate import load_train_state, save_train_state
-from asib.errors import Interrupted, RunError
+from asib.errors import CheckpointError, Interrupted, RunError, clip, first_line, short_repr
 
 if TYPE_CHECKING:
     from asib.engine.distributed import Dist
@@ -205,6 +205,10 @@ class LoopConfig:
     save_every_steps: int = 0  # also save the train state every N steps (0: at epoch ends only)
     stop_after_steps: int | None = None  # for tests and benchmarks: stop (as if interrupted) after N steps
 
+    def __post_init__(self) -> None:
+        if self.save_every_steps < 0:
+            raise ValueError(f"save_every_steps must be 0 (epoch ends only) or more, not {self.save_every_steps}")
+
 
 @dataclass
 class PlanResult:
@@ -252,18 +256,13 @@ def run_plan(
     sums = MetricSums(dist)
     if resume:
         state = load_train_state(folder.state_path)
-        task.load_state_dict(state["task"])
-        set_rng_state(state["rng"])
-        records, prior = state["records"], state["elapsed"]
-        start_epoch, start_step = state["position"]["epoch_index"], state["position"]["step"]
-        saved_world = int(state["position"].get("world_size", 1))
+        start_epoch, start_step, saved_world = _position(state, plan, task, folder)
         if start_step > 0 and saved_world != world:
             raise RunError(
                 f"{folder.path}: stopped mid-epoch with {saved_world} processes; this run has {world}",
                 hint=f"resume with {saved_world} processes (the data order of an epoch depends on it)",
             )
-        if is_main:
-            sums.load_state_dict(state["sums"], device)
+        records, prior = _restore(state, task, sums if is_main else None, device, folder)
         folder.truncate_metrics(len(records))
         if start_epoch < len(plan):
             progress.line(f"resuming at epoch {start_epoch + 1}/{len(plan)}, step {start_step}")
@@ -319,6 +318,49 @@ def run_plan(
             if _agreed_stop(stop, dist, 0) and ep.index + 1 < len(plan):
                 raise _interrupted(stop.signum, folder)
     return PlanResult(records, prior + time.perf_counter() - began)
+
+
+def _damaged(folder: RunFolder, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{folder.state_path}: the train state does not fit this run ({clip(why, 200)})",
+        hint="it is damaged or from another version of the run; use --force to start over",
+    )
+
+
+def _position(state: dict[str, Any], plan: list[EpochPlan], task: Task, folder: RunFolder) -> tuple[int, int, int]:
+    """Where a saved run stopped (epoch, step, processes), checked against the plan."""
+    pos = state.get("position")
+    if not isinstance(pos, dict):
+        raise _damaged(folder, "no position")
+    epoch, step, world = pos.get("epoch_index"), pos.get("step"), pos.get("world_size", 1)
+    if not all(type(v) is int for v in (epoch, step, world)) or not 0 <= epoch <= len(plan) or world < 1:
+        raise _damaged(folder, f"position {short_repr(pos, 100)}")
+    if step < 0 or (step > 0 and (epoch == len(plan) or step >= task.steps(plan[epoch]))):
+        raise _damaged(folder, f"step {step} of epoch {epoch + 1}")
+    return epoch, step, world
+
+
+def _restore(
+    state: dict[str, Any], task: Task, sums: MetricSums | None, device: torch.device, folder: RunFolder
+) -> tuple[list[dict[str, Any]], float]:
+    """Load the task, RNG and metric sums of a train state; return the records and time so far.
+
+    The state comes from a file, so anything odd in it (a missing entry, a tensor of the wrong
+    shape, a value of the wrong type) is a CheckpointError naming it, not a traceback.
+    """
+    try:
+        records, elapsed = state["records"], state["elapsed"]
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise TypeError("records is not a list of records")
+        if type(elapsed) not in (int, float):
+            raise TypeError(f"elapsed is {type(elapsed).__name__}")
+        task.load_state_dict(state["task"])
+        set_rng_state(state["rng"])
+        if sums is not None:
+            sums.load_state_dict(state["sums"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        raise _damaged(folder, f"{exc.__class__.__name__}: {first_line(exc)}") from None
+    return records, float(elapsed)
 
 
 def _agreed_stop(stop: StopRequest, dist: Dist | None, steps: int) -> bool:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from asib.engine.io import append_jsonl, atomic_write_json, atomic_write_text
-from asib.errors import RunError
+from asib.engine.io import TEMP_PATTERN, append_jsonl, atomic_write_json, atomic_write_text
+from asib.errors import RunError, write_error
+from asib.recipe import canonical_recipe
 
 STATE_FILE = "train_state.safetensors"
+LOCK_FILE = ".lock"
+
+# What ``check`` found: a new run, a run to go on with, a run to begin again (--resume with
+# no train state), or a finished run (--resume after the end: nothing to do).
+Status = Literal["new", "resume", "restart", "done"]
 
 
 class RunFolder:
@@ -19,6 +28,7 @@ class RunFolder:
         self.path = Path(path)
         self.artifacts = ("recipe.yaml", "metrics.jsonl", "summary.json", STATE_FILE, *artifacts)
         self.writer = True  # False on torchrun ranks other than 0: they read, never write or lock
+        self._lock_fd: int | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -28,74 +38,170 @@ class RunFolder:
     def state_path(self) -> Path:
         return self.path / STATE_FILE
 
-    def existing(self) -> list[str]:
-        return [name for name in self.artifacts if (self.path / name).exists()]
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_FILE
 
-    def check(self, force: bool, resume: bool, recipe_yaml: str | None = None) -> None:
+    def existing(self) -> list[str]:
+        return [name for name in self.artifacts if os.path.lexists(self.path / name)]
+
+    def check(self, force: bool, resume: bool, recipe_yaml: str | None = None) -> Status:
         """Before any work: is the folder free, or are we told to continue or replace it?
 
-        A resume must use the recipe the run started with (``recipe_yaml``, resolved).
+        With ``resume``: a train state is resumed ("resume"); a finished run (a summary, no
+        train state) is left alone ("done"); a run stopped before its first train state, or
+        no run at all, starts from the beginning ("restart"), so a preempted job can run the
+        same command again. Either way the recipe must be the one the run started with
+        (``recipe_yaml``, resolved).
         """
         if force and resume:
             raise RunError("--force and --resume exclude each other")
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"{self.path}: exists and is not a folder")
-        found = self.existing()
+        if os.path.lexists(self.path) and not self.path.is_dir():
+            raise RunError(f"{self.path}: exists and is not a folder", hint="choose another --out")
         if resume:
-            if not self.state_path.exists():
-                done = (self.path / "summary.json").exists()
-                why = "the run has finished" if done else "no train state was written"
-                raise RunError(f"{self.path}: nothing to resume ({why})", hint="use --force to start over")
-            saved = self.path / "recipe.yaml"
-            if recipe_yaml is not None and saved.exists() and saved.read_text() != recipe_yaml:
-                old, new = saved.read_text().splitlines(), recipe_yaml.splitlines()
-                first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
-                shown = new[first].strip() if first < len(new) else "(end of recipe)"
+            self._same_recipe(recipe_yaml)
+            if os.path.lexists(self.state_path):
+                return "resume"
+            if (self.path / "summary.json").is_file():
+                return "done"
+            found = [name for name in self.existing() if name != "recipe.yaml"]
+            if found and not os.path.lexists(self.path / "recipe.yaml"):  # files of a run, but whose?
                 raise RunError(
-                    f"{self.path}: the recipe differs from the one the run started with (first at: {shown})",
-                    hint=f"resume with the same recipe and --set values (see {saved}), or use --force",
+                    f"{self.path}: holds {', '.join(found)} but no recipe.yaml, so it is not a run to resume",
+                    hint="use --force to start over there, or choose another --out",
                 )
-            return
+            return "restart"
+        found = self.existing()
         if found and not force:
             raise RunError(
                 f"{self.path}: already holds a run ({', '.join(found)})",
                 hint="use --resume to continue it or --force to start over",
             )
+        return "new"
+
+    def _same_recipe(self, recipe_yaml: str | None) -> None:
+        saved = self.path / "recipe.yaml"
+        if recipe_yaml is None or not os.path.lexists(saved):
+            return
+        try:
+            text = saved.read_bytes().decode("utf-8", errors="replace")
+        except OSError as exc:
+            raise RunError(f"{saved}: cannot be read ({exc.strerror})", hint="use --force to start over") from None
+        if text == recipe_yaml or canonical_recipe(text) == canonical_recipe(recipe_yaml):
+            return
+        old, new = text.splitlines(), recipe_yaml.splitlines()
+        first = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), min(len(old), len(new)))
+        shown = new[first].strip() if first < len(new) else "(end of recipe)"
+        raise RunError(
+            f"{self.path}: the recipe differs from the one the run started with (first at: {shown[:200]})",
+            hint=f"resume with the same recipe and --set values (see {saved}), or use --force",
+        )
 
     def lock(self) -> None:
-        """Hold an exclusive lock on the folder for this process's lifetime: two processes
-        writing one run folder would corrupt each other's files."""
-        import fcntl
-        import os
+        """Hold an exclusive lock on the folder until ``release``: two processes writing one
+        run folder would corrupt each other's files.
 
-        if not self.writer:
+        ``.lock`` is opened without following a symlink and must be a plain file of its own
+        (one link): asib writes its PID into it, and never into anything else.
+        """
+        import fcntl
+
+        if not self.writer or self._lock_fd is not None:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / ".lock", "a+")  # noqa: SIM115 (held open on purpose)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            owner = fh.read().strip() or "unknown"
-            fh.close()
-            raise RunError(f"{self.path}: another asib process (pid {owner}) is writing this run") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._lock = fh
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        for _ in range(10):  # the file may be removed by its owner between open and lock: open again
+            fd = self._open_lock()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunError(
+                    f"{self.path}: another asib process (pid {owner[:20]}) is writing this run"
+                ) from None
+            try:
+                current = os.stat(self.lock_path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            if current is not None and current.st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        else:
+            raise RunError(f"{self.lock_path}: could not be locked (it keeps being replaced)")
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise write_error(self.lock_path, exc) from None
+        self._lock_fd = fd
+
+    def _open_lock(self) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.lock_path, flags, 0o666)
+        except OSError as exc:
+            if os.path.islink(self.lock_path):
+                raise RunError(
+                    f"{self.lock_path}: is a symbolic link, not asib's lock file; asib will not follow it",
+                    hint=f"remove {self.lock_path} (the file it points to is left alone)",
+                ) from None
+            raise write_error(self.lock_path, exc) from None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            regular = stat.S_ISREG(info.st_mode)
+            what = "a plain file with other names (hard links)" if regular else "not a plain file"
+            raise RunError(f"{self.lock_path}: is {what}, not asib's lock file",
+                           hint=f"remove {self.lock_path} if no asib process is running there")
+        return fd
+
+    def release(self) -> None:
+        """Remove ``.lock`` (while still holding it) and let go of it; safe to call twice."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                if os.stat(self.lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                    self.lock_path.unlink()
+        finally:
+            os.close(fd)
+
+    def remove_temporaries(self) -> list[str]:
+        """Remove the temporary files a killed run left (``.<artifact>.<random>.tmp``); needs the lock."""
+        removed = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.path):
+                match = TEMP_PATTERN.match(entry.name)
+                if match and match["name"] in self.artifacts and not entry.is_dir(follow_symlinks=False):
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed.append(entry.name)
+        return removed
 
     def start(self, recipe_yaml: str, force: bool, resume: bool) -> None:
-        """Lock and create the folder (after ``check``); with ``force`` remove the old run's files only."""
+        """Lock and create the folder (after ``check``); with ``force`` remove the old run's files
+        only. Temporary files a killed run left behind are removed."""
         self.lock()
         if not self.writer:
             return
-        if force:
-            for name in self.existing():
-                (self.path / name).unlink()
-        if not resume:
-            self.metrics_path.touch()
-        atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
+        try:
+            self.remove_temporaries()
+            if force:  # recipe.yaml goes last and comes first: a kill in between leaves a run to --resume
+                for name in sorted(self.existing(), key=lambda name: name == "recipe.yaml"):
+                    (self.path / name).unlink()
+            atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
+            if not resume:
+                atomic_write_text(self.metrics_path, "")
+        except OSError as exc:
+            self.release()
+            raise write_error(exc.filename or self.path, exc) from None
+        except BaseException:
+            self.release()
+            raise
 
     def log(self, record: dict[str, Any]) -> None:
         if self.writer:
@@ -105,7 +211,9 @@ class RunFolder:
         """On resume, keep the records the train state knows of (a crash may have written more)."""
         if not self.writer:
             return
-        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        lines = []
+        if self.metrics_path.is_file():
+            lines = self.metrics_path.read_bytes().decode("utf-8", errors="replace").splitlines()
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in lines[:n_records]))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -113,9 +221,22 @@ class RunFolder:
             atomic_write_json(self.path / "summary.json", summary)
 
     def finish(self) -> None:
-        """A finished run needs no train state."""
+        """A finished run needs no train state, and holds its folder no longer."""
         if self.writer:
-            self.state_path.unlink(missing_ok=True)
+            try:
+                self.state_path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise write_error(self.state_path, exc) from None
+            finally:
+                self.release()
+
+    def summary(self) -> dict[str, Any]:
+        """What ``summary.json`` says (empty when it cannot be read)."""
+        try:
+            data = json.loads((self.path / "summary.json").read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

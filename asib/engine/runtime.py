@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from asib.errors import RunError
+from asib.errors import RunError, clip
 
 # Precision of frozen-model (teacher) forwards, declared by the running training step.
 _INFERENCE_DTYPE: ContextVar[torch.dtype | None] = ContextVar("asib_inference_dtype", default=None)
@@ -103,12 +103,29 @@ def inference_autocast(device: torch.device) -> contextlib.AbstractContextManage
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when there is one; asking for CUDA without one is a user error."""
+    """``auto`` picks CUDA when there is one. ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` are
+    taken when the machine has them; anything else (or a device it lacks) is a user error."""
+    hint = "use auto, cpu, cuda or cuda:N"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("device: cuda was asked for but no CUDA device is visible", hint="use device: auto or cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise RunError(f"device: unknown device {clip(repr(name), 100)}", hint=hint) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"device: {name} was asked for but no CUDA device is visible",
+                           hint="use device: auto or cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RunError(f"device: {name}, but this machine has {torch.cuda.device_count()} CUDA device(s)",
+                           hint=f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise RunError("device: mps was asked for but it is not available here", hint=hint)
+    elif dev.type != "cpu":
+        raise RunError(f"device: {clip(repr(name), 100)} is not a device asib trains or evaluates on",
+                       hint=hint)
+    return dev
 
 
 def make_runtime(device: str, deterministic: bool = False, compile: bool = False, precision: str = "auto") -> Runtime:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from asib.engine.checkpoint import load_tensors, save_tensors
-from asib.errors import CheckpointError
+from asib.errors import CheckpointError, clip, first_line
 
 STATE_KEY = "asib.train_state"
 
@@ -70,17 +70,30 @@ def save_train_state(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
+    """Read a train state; a damaged or foreign file is a CheckpointError, never a traceback."""
     from safetensors import safe_open
 
     path = Path(path)
+    hint = "the file may be damaged or not from asib; use --force to start the run over"
     if not path.is_file():
         raise CheckpointError(f"{path}: no train state to resume from", hint="start without --resume")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: train state is unreadable ({str(exc).splitlines()[0][:100]})") from None
+        raise CheckpointError(
+            f"{path}: train state is unreadable ({first_line(exc, 100)})", hint=hint
+        ) from None
     if STATE_KEY not in meta:
-        raise CheckpointError(f"{path}: not an asib train state")
+        raise CheckpointError(f"{path}: not an asib train state", hint=hint)
     tensors = load_tensors(path)
-    return _decode(json.loads(meta[STATE_KEY]), tensors)
+    try:
+        state = _decode(json.loads(meta[STATE_KEY]), tensors)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # ValueError covers bad JSON; KeyError a tensor the skeleton names but the file lacks.
+        raise CheckpointError(
+            f"{path}: train state is damaged ({exc.__class__.__name__}: {clip(str(exc), 100)})", hint=hint
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: train state is damaged (its skeleton is not a mapping)", hint=hint)
+    return state

@@ -30,7 +30,7 @@ from asib.engine.optim import build_optimizer, build_scheduler
 from asib.engine.progress import Progress
 from asib.engine.runfolder import RunFolder
 from asib.engine.runtime import Runtime, make_runtime, seeded, set_random_seed
-from asib.errors import CheckpointError, RecipeError
+from asib.errors import CheckpointError, RecipeError, clip
 from asib.methods import Artifacts, DistillMethod, RunContext, build_method, method_class
 from asib.models import apply_freeze_level, model_from_spec, setup_partial_freeze_schedule
 from asib.recipe import Recipe
@@ -50,6 +50,7 @@ class DistillResult:
     student_test_top1: float
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)
+    finished_before: bool = False  # --resume found the run finished: nothing ran (figures: ``summary``)
 
     def table_lines(self) -> list[str]:
         rows = [(f"teacher {n}", acc) for n, acc in zip(self.teacher_names, self.teacher_test_top1, strict=True)]
@@ -82,6 +83,13 @@ def load_teachers(recipe: Recipe, num_classes: int, device: torch.device) -> tup
         if info.num_classes != num_classes:
             raise CheckpointError(
                 f"teachers[{i}] ({teacher.name}): trained on {info.num_classes} classes but the data has {num_classes}"
+            )
+        if info.arch != teacher.arch:
+            raise CheckpointError(
+                f"teachers[{i}] ({teacher.name}): {path} holds a {clip(info.arch, 100)}, but the recipe's teacher"
+                f" is a {teacher.arch}",
+                hint=f"point teachers[{i}].checkpoint at a {teacher.arch} checkpoint, or set teachers[{i}].arch"
+                f" to {clip(info.arch, 100)}",
             )
         model, _ = load_model(path, kinds=("teacher",), device=device)
         models.append(model)
@@ -257,11 +265,14 @@ def distill(
     progress: Progress | None = None,
     loop: LoopConfig | None = None,
     run_dir: str | Path | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> DistillResult:
     """Run the recipe's distill section; write the student, the method's artifacts and the summary.
 
     ``run_dir`` (default: the recipe's run folder) receives this run only; the teachers are
-    always read from the recipe's checkpoint paths, so sweeps can share them.
+    always read from the recipe's checkpoint paths, so sweeps can share them. With ``resume``
+    a run without a train state starts from the beginning and a finished run is left as it
+    is (``finished_before``); ``notice`` (default: the progress lines) hears which.
     """
     from asib.data import load_info
 
@@ -271,7 +282,16 @@ def distill(
     assert recipe.student is not None
     cls = method_class(spec.method)
     folder = RunFolder(run_dir or recipe.run_dir, ("student.safetensors", *cls.artifact_names))
-    folder.check(force=force, resume=resume, recipe_yaml=recipe.to_yaml())
+    status = folder.check(force=force, resume=resume, recipe_yaml=recipe.to_yaml())
+    if status == "done":
+        (notice or progress.line)(f"{folder.path}: the run has finished; nothing to resume")
+        summary = folder.summary()
+        nan = float("nan")
+        return DistillResult(folder.path, spec.method, [], [], None, None, nan, nan, summary,
+                             finished_before=True)
+    if status == "restart":
+        (notice or progress.line)(f"{folder.path}: no train state to resume; starting the run from the beginning")
+    force, resume = force or status == "restart", status == "resume"
     info = load_info(recipe.data_dir)
     dist = init_distributed(recipe.device)  # under torchrun: rank 0 alone prints and writes
     folder.writer, progress = dist.is_main, progress if dist.is_main else Progress(enabled=False)
@@ -300,30 +320,34 @@ def distill(
     folder.start(recipe.to_yaml(), force=force, resume=resume)
     keys = ["epoch", "phase", "loss", "syn_ce", "ib_kl", "cccp", "ce", "kd", "kd_ens",
             "synergy_val_top1", "student_val_top1"]
-    plan = run_plan(task, folder, progress, runtime.device, resume=resume, config=loop, summary_keys=keys, dist=dist)
-    dist.barrier()  # the best checkpoints are on disk for every rank
+    try:
+        plan = run_plan(task, folder, progress, runtime.device, resume=resume, config=loop, summary_keys=keys,
+                        dist=dist)
+        dist.barrier()  # the best checkpoints are on disk for every rank
 
-    best, _ = load_model(student_path, kinds=("student",), device=runtime.device)
-    student_test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes).top1
-    figures = method.test_figures(folder.path, loaders.test, info.num_classes)
-    summary = {
-        "method": spec.method,
-        "seed": recipe.seed,
-        "student_arch": recipe.student.arch,
-        "teachers": [t.name for t in recipe.teachers] if method.teachers else [],
-        "student_val_top1": task.best_val,
-        "student_test_top1": student_test,
-        "synergy_test_top1": figures.pop("synergy_test_top1", None),
-        "teacher_test_top1": teacher_test,
-        "teacher_val_top1": teacher_val,
-        "teacher_figures_of": "the teachers as loaded (their checkpoints), before any adaptation",
-        "best_epoch": task.best_epoch,
-        **figures,
-        **method.summary(),
-        "seconds": round(plan.seconds, 2),
-    }
-    folder.write_summary(summary)
-    folder.finish()
+        best, _ = load_model(student_path, kinds=("student",), device=runtime.device)
+        student_test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes).top1
+        figures = method.test_figures(folder.path, loaders.test, info.num_classes)
+        summary = {
+            "method": spec.method,
+            "seed": recipe.seed,
+            "student_arch": recipe.student.arch,
+            "teachers": [t.name for t in recipe.teachers] if method.teachers else [],
+            "student_val_top1": task.best_val,
+            "student_test_top1": student_test,
+            "synergy_test_top1": figures.pop("synergy_test_top1", None),
+            "teacher_test_top1": teacher_test,
+            "teacher_val_top1": teacher_val,
+            "teacher_figures_of": "the teachers as loaded (their checkpoints), before any adaptation",
+            "best_epoch": task.best_epoch,
+            **figures,
+            **method.summary(),
+            "seconds": round(plan.seconds, 2),
+        }
+        folder.write_summary(summary)
+        folder.finish()
+    finally:
+        folder.release()  # .lock goes when the run ends, however it ends (finish released it already)
     return DistillResult(folder.path, spec.method, summary["teachers"], teacher_test, summary["synergy_test_top1"],
                          task.best_val, student_test, plan.seconds, summary)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ class FinetuneResult:
     test: EvalResult
     epochs: int
     seconds: float
+    finished_before: bool = False  # --resume found the run finished: nothing ran (figures: its summary.json)
 
 
 class CETask:
@@ -123,14 +124,29 @@ def finetune_teacher(
     resume: bool = False,
     progress: Progress | None = None,
     loop: LoopConfig | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune one teacher of the recipe; write its run folder and checkpoint."""
+    """Fine-tune one teacher of the recipe; write its run folder and checkpoint.
+
+    With ``resume`` a run without a train state starts from the beginning and a finished run
+    is left as it is (``finished_before``); ``notice`` (default: the progress lines) hears which.
+    """
     from asib.data import load_info
     from asib.models import model_from_spec
 
     progress = progress or Progress()
     folder = RunFolder(recipe.teacher_dir(teacher), ("model.safetensors", "last.safetensors"))
-    folder.check(force=force, resume=resume, recipe_yaml=recipe.to_yaml())
+    status = folder.check(force=force, resume=resume, recipe_yaml=recipe.to_yaml())
+    checkpoint = recipe.teacher_checkpoint(teacher)
+    if status == "done":
+        (notice or progress.line)(f"{folder.path}: the run has finished; nothing to resume")
+        nan = float("nan")
+        figures = EvalResult(nan, nan, nan, nan, 0, [])
+        return FinetuneResult(folder.path, checkpoint, None, figures, teacher.train.epochs, nan,
+                              finished_before=True)
+    if status == "restart":
+        (notice or progress.line)(f"{folder.path}: no train state to resume; starting the run from the beginning")
+    force, resume = force or status == "restart", status == "resume"
     info = load_info(recipe.data_dir)  # fails early, before anything is written
     dist = init_distributed(recipe.device)  # under torchrun: rank 0 alone prints and writes
     folder.writer, progress = dist.is_main, progress if dist.is_main else Progress(enabled=False)
@@ -143,7 +159,6 @@ def finetune_teacher(
         recipe.data_dir, runtime, dist.per_rank_batch(spec.batch_size, where), spec.eval_batch_size, spec.augment,
         recipe.seed, dist.rank, dist.world_size,
     )
-    checkpoint = recipe.teacher_checkpoint(teacher)
     extras = checkpoint_extras(recipe, loaders.info, teacher=teacher.name)
 
     def save_best(m: nn.Module, val: float | None, epoch: int) -> None:
@@ -153,25 +168,28 @@ def finetune_teacher(
     task = CETask(route(model, dist), spec, loaders, runtime, save_best)
     dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     folder.start(recipe.to_yaml(), force=force, resume=resume)
-    plan = run_plan(task, folder, progress, runtime.device, resume=resume, config=loop,
-                    summary_keys=["epoch", "loss", "val_top1", "lr"], dist=dist)
-    if dist.is_main:
-        save_model(folder.path / "last.safetensors", model, "teacher", {**extras, "epoch": spec.epochs})
-    dist.barrier()  # the best checkpoint is on disk for every rank
+    try:
+        plan = run_plan(task, folder, progress, runtime.device, resume=resume, config=loop,
+                        summary_keys=["epoch", "loss", "val_top1", "lr"], dist=dist)
+        if dist.is_main:
+            save_model(folder.path / "last.safetensors", model, "teacher", {**extras, "epoch": spec.epochs})
+        dist.barrier()  # the best checkpoint is on disk for every rank
 
-    best, _ = load_model(checkpoint, device=runtime.device)
-    test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes)
-    seconds = plan.seconds
-    folder.write_summary({
-        "teacher": teacher.name,
-        "arch": teacher.arch,
-        "checkpoint": str(checkpoint),
-        "val_top1": task.best_val,
-        "test_top1": test.top1,
-        "test_top5": test.top5,
-        "best_epoch": task.best_epoch,
-        "epochs": spec.epochs,
-        "seconds": round(seconds, 2),
-    })
-    folder.finish()
+        best, _ = load_model(checkpoint, device=runtime.device)
+        test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes)
+        seconds = plan.seconds
+        folder.write_summary({
+            "teacher": teacher.name,
+            "arch": teacher.arch,
+            "checkpoint": str(checkpoint),
+            "val_top1": task.best_val,
+            "test_top1": test.top1,
+            "test_top5": test.top5,
+            "best_epoch": task.best_epoch,
+            "epochs": spec.epochs,
+            "seconds": round(seconds, 2),
+        })
+        folder.finish()
+    finally:
+        folder.release()  # .lock goes when the run ends, however it ends (finish released it already)
     return FinetuneResult(folder.path, checkpoint, task.best_val, test, spec.epochs, seconds)

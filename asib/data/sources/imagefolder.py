@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from asib.data.sources.base import RawData, _raw, register_source
-from asib.errors import DataError
+from asib.errors import DataError, first_line
 from asib.recipe import DataSpec
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# Pixels one image may declare (8192 x 8192, below PIL's own decompression-bomb threshold): an
+# image file is read from disk, and its header alone could ask for gigabytes.
+MAX_PIXELS = 8192 * 8192
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -18,13 +21,27 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _read_image(path: Path, image_size: int | None) -> np.ndarray:
+    import struct
+
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise DataError(
+                    f"{path}: declares {width}x{height} pixels, more than the {MAX_PIXELS:,} asib reads"
+                    " from one image",
+                    hint="resize the image (or remove it); a file this large is often damaged"
+                    " or a decompression bomb",
+                )
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"{path}: declares more pixels than any image asib reads ({first_line(exc, 120)})"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as exc:
+        raise DataError(f"{path}: not a readable image ({first_line(exc, 120)})") from None
     if image_size is not None and rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
