@@ -17,7 +17,7 @@ from asib.engine.loaders import SplitLoaders
 from asib.engine.loop import EpochPlan
 from asib.engine.progress import Progress
 from asib.engine.runtime import make_runtime
-from asib.errors import DataError, RecipeError
+from asib.errors import DataError, ModelError, RecipeError
 from asib.pipeline.distill import DistillTask
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -44,7 +44,7 @@ class Blobs(asib.ClassInfoMixin):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("api") / "blobs"
-    asib.prepare_dataset(Blobs(), out, val_fraction=0.25)
+    asib.prepare_dataset(Blobs(), out, val_fraction=0.25, test_fraction=0.2)
     return out
 
 
@@ -273,14 +273,279 @@ def test_experiment_logger(tmp_path: Path) -> None:
     assert asib.get_logger(tmp_path / "exp2") is logger and len(logger.handlers) == 2  # no doubled lines
 
 
+# ---------------------------------------------------------------- a library user's own loop (the five findings)
+
+
+class OwnCNN(torch.nn.Module):
+    """A user's student: its own ``.features`` attribute (no clash: asib wraps it), logits from ``fc``."""
+
+    def __init__(self, num_classes: int = 4, width: int = 8) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU(),
+            torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), torch.nn.BatchNorm2d(2 * width),
+            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        )
+        self.fc = torch.nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+KD_SPEC = {"method": "kd", "num_stages": 2, "student_epochs": 1, "batch_size": 16,
+           "student_optim": {"name": "sgd", "lr": 0.1}}
+
+
+def tv_teacher(num_classes: int = 4) -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=num_classes)
+
+
+def test_speed_the_api_trains_in_the_clis_runtime(data_dir: Path) -> None:
+    """Finding 1: without a runtime the API computes as ``asib distill`` does (precision, channels_last)."""
+    torch.manual_seed(0)
+    cli = asib.make_runtime("cpu")  # what distill() builds from a recipe's defaults on this machine
+    assert asib.default_runtime("cpu") == cli and isinstance(cli, asib.Runtime)
+    student = asib.create_student_by_name("resnet8", 4)
+    method = asib.build_method(KD_SPEC, [asib.create_teacher_by_name("resnet8", 4)], student)
+    assert asib.Distiller(method, steps_per_epoch=3).runtime == cli
+    loader = asib.make_loader(data_dir, "train", batch_size=16, device="cpu", train=True)
+    opts = asib.create_optimizers_and_schedulers(method, None, len(loader))
+    asib.student_distillation_update(method, loader, opts)  # the epoch helpers too
+    conv = next(m for m in student.modules() if isinstance(m, torch.nn.Conv2d)).weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) == cli.channels_last
+    for name in ("Runtime", "make_runtime", "default_runtime", "Distiller"):
+        assert name in asib.__all__
+    section = README.read_text().split("<!-- api:start -->")[1]
+    assert "make_runtime(device" in section and "default_runtime(device)" in section
+
+
+def test_step_is_one_optimizer_step_without_a_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 2: ``Distiller.step`` is one step of the method, built once; terms stay on the device."""
+    torch.manual_seed(0)
+    method = asib.build_method(KD_SPEC, [tv_teacher()], OwnCNN())
+    distiller = asib.Distiller(method, steps_per_epoch=2)
+    opt, sched = distiller.optimizers.student_optimizer, distiller.optimizers.student_scheduler
+    assert isinstance(opt, torch.optim.SGD) and distiller.optimizers.teacher_optimizer is None
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    first = distiller.step(x, y, epoch=0)
+    assert {"loss", "ce", "kd"} <= set(first) and not first["loss"].requires_grad
+    before = params(method.student)
+    with monkeypatch.context() as m:  # no value is read back to the host inside a step
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            m.setattr(torch.Tensor, name, lambda *_a, **_k: pytest.fail("a step read a tensor on the host"))
+        terms = distiller.step(x, y, epoch=0)
+    assert all(isinstance(v, torch.Tensor) for k, v in terms.items() if k in ("loss", "ce", "kd"))
+    assert not torch.equal(params(method.student), before)
+    assert sched.last_epoch == 2 and distiller.optimizers.student_optimizer is opt  # one scheduler step per call
+    method.student.eval()  # the user validated mid-epoch: the next step trains again
+    distiller.step(x, y, epoch=1)
+    assert method.student.training and distiller._epoch is not None and distiller._epoch.stage == 1  # placed by plan
+    with pytest.raises(RecipeError, match="past the spec's 2 B-epochs"):
+        distiller.step(x, y, epoch=2)
+    with pytest.raises(RecipeError, match="has B steps, not 'A'"):
+        distiller.step(x, y, phase="A")
+
+
+def test_epoch_helpers_are_built_on_the_step(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 2: ``epoch`` and the old one-epoch helpers go through ``Distiller``'s step; ASIB's A-step too."""
+    calls: list[str] = []
+    step = asib.Distiller._step
+
+    def counted(self: asib.Distiller, ep: EpochPlan, batch: Batch) -> dict:
+        calls.append(ep.phase)
+        return step(self, ep, batch)
+
+    monkeypatch.setattr(asib.Distiller, "_step", counted)
+    d = make_distiller()
+    loader = asib.make_loader(data_dir, "train", batch_size=16, device="cpu", train=True)
+    distiller = asib.Distiller(d, steps_per_epoch=len(loader))
+    a = distiller.epoch(loader, phase="A", epoch=0)
+    b = distiller.epoch([(batch.x, batch.y) for batch in loader.batches(0)], phase="B", epoch=0)
+    assert {"syn_ce", "ib_kl"} <= set(a) and {"ce", "kd", "kd_ens"} <= set(b)
+    assert calls == ["A"] * len(loader) + ["B"] * len(loader)
+    calls.clear()
+    asib.student_distillation_update(d, loader, asib.create_optimizers_and_schedulers(d, None, len(loader)))
+    assert calls == ["B"] * len(loader)
+    assert distiller.step(next(iter(loader)), phase="A", epoch=1)["syn_ce"].ndim == 0  # a Batch; stage 1's A-epoch
+
+
+def test_any_module_is_a_teacher_or_student() -> None:
+    """Finding 3: plain modules are adapted in build_method, keep their tensors, freeze by block, or are refused."""
+    torch.manual_seed(0)
+    teacher, student = tv_teacher(), OwnCNN()
+    mine = {id(p) for p in student.parameters()}
+    method = asib.build_method(KD_SPEC, [teacher], student)
+    adapted = method.student
+    assert isinstance(adapted, asib.FeatureClassifier) and adapted.model is student
+    assert {id(p) for p in adapted.parameters()} == mine and adapted.classifier is student.fc
+    assert adapted.feature_dim == 16 and adapted.num_classes == 4
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(adapted.eval()(x), student(x)) and adapted.features(x).shape == (3, 16)
+    assert [n for n, _ in adapted.named_blocks()] == ["model.features.0+model.features.1",
+                                                      "model.features.3+model.features.4"]
+    blocks = [n for n, _ in method.teachers[0].named_blocks()]
+    assert blocks == ["model.conv1+model.bn1", "model.layer1", "model.layer2", "model.layer3", "model.layer4"]
+    asib.apply_freeze_level(adapted, 1)  # the last block and the classifier train
+    trainable = {id(p) for p in student.features[3:].parameters()} | {id(p) for p in student.fc.parameters()}
+    assert {id(p) for p in student.parameters() if p.requires_grad} == trainable
+    adapted.train()
+    assert not student.features[1].training and student.features[4].training  # frozen BatchNorm stays in eval
+    asib.apply_freeze_level(adapted, -1)
+
+    with pytest.raises(ModelError, match=r"^student: Sequential has no nn.Linear classifier") as err:
+        asib.build_method(KD_SPEC, [teacher], torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ModelError, match=r"teachers\[0\]: ResNet has 10 classes but the student OwnCNN has 4"):
+        asib.build_method(KD_SPEC, [tv_teacher(10)], OwnCNN())
+    with pytest.raises(ModelError, match=r"fc has 4 outputs, not 10 classes"):
+        asib.as_feature_classifier(OwnCNN(), num_classes=10)
+
+    class LogSoftmaxNet(OwnCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(super().forward(x), 1)
+
+    with pytest.raises(ModelError, match="not its classifier fc's output"):
+        asib.as_feature_classifier(LogSoftmaxNet()).features(x)
+
+
+def test_adapted_timm_model_and_ddp_routing(tmp_path: Path) -> None:
+    """Finding 3: timm's forward_features/forward_head and group_matcher; adapted models under DDP's route."""
+    import timm
+    import torch.distributed as tdist
+
+    from asib.engine.distributed import DDPRoute, Dist
+
+    torch.manual_seed(0)
+    inner = timm.create_model("resnet10t", num_classes=4)
+    model = asib.as_feature_classifier(inner)
+    assert model.timm_like and model.classifier is inner.get_classifier()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), inner.eval()(x), atol=1e-5)
+    names = [n for n, _ in model.named_blocks()]
+    assert names[0].startswith("model.conv1") and names[-1] == "model.layer4" and "fc" not in "".join(names)
+
+    method = asib.build_method(KD_SPEC, [inner], OwnCNN())
+    distiller = asib.Distiller(method, steps_per_epoch=2)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        distiller.task.routed = route = DDPRoute(method, Dist(), find_unused_parameters=True)
+        before = params(method.student)
+        terms = distiller.step(torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]))
+        assert route._ddp is not None and torch.isfinite(terms["loss"])
+        assert not torch.equal(params(method.student), before)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_optimizer_spec_expresses_plain_sgd() -> None:
+    """Finding 4: nesterov and the norm/bias decay exemption are options; together they give torch's SGD."""
+    from asib.engine.optim import build_optimizer
+
+    spec = {**KD_SPEC, "student_optim": {"name": "sgd", "lr": 0.1, "weight_decay": 0.01, "nesterov": False,
+                                         "decay_norms_and_biases": True, "schedule": "constant"}}
+    torch.manual_seed(0)
+    method = asib.build_method(spec, [asib.create_teacher_by_name("resnet8", 4)], OwnCNN())
+    opt = asib.create_optimizers_and_schedulers(method, None, 2).student_optimizer
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.01
+    assert opt.param_groups[0]["nesterov"] is False
+    default = asib.create_optimizers_and_schedulers(make_distiller(), None, 2).student_optimizer
+    assert [g["weight_decay"] for g in default.param_groups] == [5e-4, 0.0]  # AdamW, norms and biases exempt
+
+    ours, theirs = OwnCNN(), OwnCNN()
+    theirs.load_state_dict(ours.state_dict())
+    plain = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    built = build_optimizer([ours], spec["student_optim"])
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    for model, opt in ((ours, built), (theirs, plain)):
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert torch.allclose(params(ours), params(theirs), atol=1e-6)
+    nesterov = build_optimizer([OwnCNN()], {"name": "sgd"})
+    assert nesterov.param_groups[0]["nesterov"] and len(nesterov.param_groups) == 2
+
+
+def test_data_in_memory_tensors_without_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 5: tensors, arrays or a dataset into a loader with your mean/std, padding and split; no files."""
+    monkeypatch.chdir(tmp_path)
+    labels = torch.arange(40) % 4
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    loader = asib.tensor_loader(images, labels, batch_size=16, mean=mean, std=std, pad=2)
+    batch = next(iter(loader))
+    assert batch.x.shape == (16, 3, 12, 12) and torch.equal(batch.y, labels[:16])
+    expected = (images[:16].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(batch.x[:, :, 2:-2, 2:-2], expected, atol=1e-5)
+
+    split = {"val_fraction": 0.25, "split_seed": 3}
+    train = asib.tensor_loader(images, labels, batch_size=8, train=True, augment={"crop_padding": 2}, **split)
+    val = asib.tensor_loader(images, labels, batch_size=64, split="val", **split)
+    assert (train.num_images, val.num_images) == (30, 10)
+    assert all(c in (2, 3) for c in torch.bincount(val.labels, minlength=4).tolist())  # stratified
+    seen = {bytes(im.numpy()) for im in images}
+    val_images = {bytes(im.numpy()) for im in val.images}  # type: ignore[union-attr]
+    assert len(val_images) == 10 and val_images <= seen
+    plain_train = asib.tensor_loader(images, labels, batch_size=8, **split)  # the same part, unaugmented
+    train_images = {bytes(im.numpy()) for im in plain_train.images}  # type: ignore[union-attr]
+    assert not train_images & val_images and len(train_images | val_images) == 40  # disjoint, all of them
+    assert torch.equal(train._inv, val._inv) and torch.equal(train._bias, val._bias)  # the train part's mean/std
+    assert len(train) == 3 and next(train.batches(0)).x.shape == (8, 3, 8, 8)
+
+    hwc = images.permute(0, 2, 3, 1).numpy()  # as torchvision datasets hold them
+    from_array = asib.tensor_loader(hwc, labels.numpy(), batch_size=40, mean=mean, std=std)
+    assert torch.equal(next(iter(from_array)).x, next(iter(asib.tensor_loader(images, labels, batch_size=40,
+                                                                               mean=mean, std=std))).x)
+    from_dataset = asib.tensor_loader(Blobs(24), batch_size=8, num_classes=4)
+    assert from_dataset.num_images == 24 and next(iter(from_dataset)).x.shape == (8, 3, 8, 8)
+    floats = asib.tensor_loader(images.float() / 255, labels, batch_size=8, mean=mean, std=std)
+    assert torch.allclose(next(iter(floats)).x, next(iter(loader)).x[:8, :, 2:-2, 2:-2], atol=1e-5)
+    assert list(tmp_path.iterdir()) == []  # nothing was written
+
+    with pytest.raises(DataError, match="split='val' needs a val_fraction"):
+        asib.tensor_loader(images, labels, batch_size=8, split="val")
+    with pytest.raises(DataError, match="0..1 scale"):
+        asib.tensor_loader(images.float(), labels, batch_size=8)
+    with pytest.raises(DataError, match="both mean and std"):
+        asib.tensor_loader(images, labels, batch_size=8, mean=mean)
+
+
+def test_data_split_and_padding_choices_are_explicit(data_dir: Path, tmp_path: Path) -> None:
+    """Finding 5: prepare_dataset holds nothing out silently, pads on request; make_loader takes mean/std/pad."""
+    with pytest.raises(DataError, match="no test_dataset, and no test_fraction") as err:
+        asib.prepare_dataset(Blobs(), tmp_path / "a")
+    assert "test_fraction=0" in (err.value.hint or "")
+    info = asib.prepare_dataset(Blobs(), tmp_path / "b", test_fraction=0, val_fraction=0, pad=2)
+    assert info.counts == {"train": 96, "val": 0, "test": 0} and info.image_size == (12, 12)
+    with pytest.raises(DataError, match="not both"):
+        asib.prepare_dataset(Blobs(), tmp_path / "c", test_dataset=Blobs(8), test_fraction=0.2)
+
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    loader = asib.make_loader(data_dir, "val", batch_size=64, device="cpu", mean=mean, std=std, pad=1)
+    batch = next(iter(loader))
+    assert batch.x.shape[-2:] == (10, 10)
+    assert torch.allclose(batch.x[:, :, 0, 0], torch.full_like(batch.x[:, :, 0, 0], -2.0))  # a padded zero pixel
+
+
 # ---------------------------------------------------------------- the README example
 
 
 def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The API section's blocks, run in order in one namespace: a torchvision teacher, the user's
+    own CNN, in-memory tensors and the per-step call; then ASIB's stages through the loop."""
     text = README.read_text()
     section = text[text.index("<!-- api:start -->"): text.index("<!-- api:end -->")]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 1
-    exec(compile(blocks[0], "README.md (api example)", "exec"), {"__name__": "readme_example"})
+    assert len(blocks) == 2
+    assert "torchvision.models.resnet18(num_classes=10)" in blocks[0] and "distiller.step(" in blocks[0]
+    namespace = {"__name__": "readme_example"}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md (api example {i + 1})", "exec"), namespace)
     out = capsys.readouterr().out
-    assert "A-step syn_ce" in out and re.search(r"student val top-1 \d+\.\d%", out)
+    assert re.search(r"epoch 1: loss \d+\.\d+, kd \d+\.\d+", out) and re.search(r"^student val top-1 \d+\.\d%", out, re.M)
+    assert re.search(r"ASIB student val top-1 \d+\.\d%", out)
+    assert str(asib.make_runtime("cpu")) in out  # the example's Distiller runs in the CLI's runtime

@@ -113,8 +113,11 @@ def test_a_study_runs_tunes_on_val_and_pairs_by_seed(prepared: Path) -> None:
     best = max(vals, key=lambda k: (vals[k], -list(vals).index(k)))
     assert tuned["chosen"] == best  # chosen on validation figures only
     tau = tuned["values"]["tau"]
+    folders = arms["avg_kd"]["folders"]
+    assert Path(folders["0"]).parent.name == tuned["chosen"]  # seed 0's run is the winning tuning run
+    assert Path(folders["1"]) == out / "runs" / "avg_kd" / "s1"
     for seed in (0, 1):
-        resolved = yaml.safe_load((out / "runs" / "avg_kd" / f"s{seed}" / "recipe.yaml").read_text())
+        resolved = yaml.safe_load((Path(folders[str(seed)]) / "recipe.yaml").read_text())
         assert resolved["distill"]["tau"] == tau and resolved["seed"] == seed
         summary = json.loads((out / "runs" / "ce" / f"s{seed}" / "summary.json").read_text())
         assert arms["ce"]["test"]["values"][str(seed)] == summary["student_test_top1"]
@@ -142,7 +145,7 @@ def test_dry_run_lists_what_is_left_and_resumes_what_stopped(prepared: Path) -> 
     (stopped / "summary.json").unlink()  # as if killed before its first save
     r = invoke(*args, "--dry-run")
     lines = [x for x in r.output.splitlines() if x.startswith("asib distill")]
-    assert len(lines) == 1 and "--force" in lines[0] and str(stopped) in lines[0]
+    assert len(lines) == 1 and "--resume" in lines[0] and str(stopped) in lines[0]  # starts it again
     (stopped / "train_state.safetensors").write_bytes(b"")  # a saved train state: resume it
     r = invoke(*args, "--dry-run")
     assert "--resume" in r.output

@@ -282,11 +282,16 @@ def make_loader(
     world_size: int = 1,
     num_classes: int | None = None,
     channels_last: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    pad: int = 0,
 ) -> InMemoryLoader:
-    """A loader over one prepared split, normalised with the dataset's train mean/std.
+    """A loader over one prepared split, normalised with the dataset's train mean/std
+    (or the ``mean``/``std`` given, e.g. a pretrained teacher's).
 
     ``train=True`` shuffles, drops the last partial batch and applies ``augment``;
-    otherwise the order is fixed, every sample is kept and nothing is augmented.
+    otherwise the order is fixed, every sample is kept and nothing is augmented. ``pad``
+    zero-pads every image by that many pixels on each side, once, as it is loaded.
     """
     info = load_info(data_dir)
     images, labels = load_split(data_dir, split)
@@ -294,12 +299,18 @@ def make_loader(
         raise DataError(
             f"{data_dir}: the {split} split is empty", hint="set data.val_fraction > 0 and prepare again"
         )
+    if (mean is None) != (std is None):
+        raise DataError("give both mean and std, or neither (then the dataset's own are used)")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise DataError(f"pad must be a whole number of pixels, 0 or more (given: {pad!r})")
+    if pad:
+        images = F.pad(images, (pad, pad, pad, pad))
     return InMemoryLoader(
         images,
         labels,
         batch_size=batch_size,
-        mean=info.mean,
-        std=info.std,
+        mean=info.mean if mean is None else mean,
+        std=info.std if std is None else std,
         augment=augment if train else None,
         shuffle=train,
         seed=seed,

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from asib.errors import RecipeError, did_you_mean
+from asib.errors import ModelError, RecipeError, did_you_mean
 from asib.methods.asib import ASIB
 from asib.methods.avg_kd import AvgKD
 from asib.methods.base import Artifacts, DistillMethod, RunContext, Terms
@@ -22,6 +22,7 @@ from asib.methods.ce import CE
 from asib.methods.dist import DIST
 from asib.methods.dkd import DKD
 from asib.methods.kd import KD
+from asib.models.adapt import adapt_all, as_feature_classifier
 from asib.recipe import METHOD_KEYS, DistillSpec, register_method_keys, spec_from
 
 METHODS: dict[str, type[DistillMethod]] = {
@@ -61,7 +62,12 @@ def build_method(
     student: nn.Module,
     teacher_names: Sequence[str] | None = None,
 ) -> DistillMethod:
-    """The recipe's method over these teachers and this student (at least ``min_teachers`` of them)."""
+    """The recipe's method over these teachers and this student (at least ``min_teachers`` of them).
+
+    Teachers and student may be any ``nn.Module`` classifiers: those that are not
+    FeatureClassifiers are adapted (``asib.models.adapt``), keeping their parameters, and one
+    that cannot be is refused here, with one line saying what it lacks.
+    """
     spec = spec_from(DistillSpec, spec)
     cls = method_class(spec.method)
     if len(teachers) < cls.min_teachers:
@@ -70,7 +76,13 @@ def build_method(
         )
     if spec.teacher_weights is not None and len(spec.teacher_weights) != len(teachers):
         raise RecipeError([f"distill.teacher_weights: {len(spec.teacher_weights)} weights for {len(teachers)} teachers"])
-    return cls(teachers, student, spec, teacher_names)
+    student = as_feature_classifier(student, where="student")
+    adapted = adapt_all(teachers, "teachers")
+    for i, teacher in enumerate(adapted):
+        if teacher.num_classes != student.num_classes:
+            raise ModelError(f"teachers[{i}]: {teacher.arch} has {teacher.num_classes} classes but the student"
+                             f" {student.arch} has {student.num_classes}")
+    return cls(adapted, student, spec, teacher_names)
 
 
 __all__ = [

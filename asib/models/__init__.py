@@ -1,7 +1,9 @@
 """Models: the registry over the CIFAR zoo, torchvision and timm; the feature-classifier
-interface every teacher and student has; local weights; freezing by block."""
+interface every teacher and student has, and its adapter for any nn.Module classifier;
+local weights; freezing by block."""
 
 from asib.models import cifar  # noqa: F401  (registers the zoo)
+from asib.models.adapt import ModuleClassifier, as_feature_classifier
 from asib.models.classifier import (
     FeatureClassifier,
     ModelCfg,
@@ -46,11 +48,13 @@ __all__ = [
     "synergy_target",
     "FeatureClassifier",
     "LoadReport",
+    "ModuleClassifier",
     "ModelCfg",
     "ModuleGroup",
     "TimmClassifier",
     "TorchvisionClassifier",
     "apply_freeze_level",
+    "as_feature_classifier",
     "build_model",
     "check_recipe_models",
     "cifar",

@@ -39,7 +39,7 @@ import yaml
 
 from asib.engine.io import atomic_write_json, atomic_write_text
 from asib.errors import Interrupted, RecipeError, RunError
-from asib.recipe import load_recipe
+from asib.recipe import canonical_recipe, load_recipe
 
 SUMMARY, STATE = "summary.json", "train_state.safetensors"
 
@@ -135,15 +135,13 @@ class RunSpec:
     kind: str = "seed"  # "seed" or "tune"
     candidate: str = ""  # tune runs: the candidate's label
 
-    def command(self, recipe: Path, *, resume: bool = False, force: bool = False, exe: Sequence[str] = ("asib",)) -> list[str]:
+    def command(self, recipe: Path, *, resume: bool = False, exe: Sequence[str] = ("asib",)) -> list[str]:
         cmd = [*exe, "distill", str(recipe), "--method", self.method]
         for item in self.sets:
             cmd += ["--set", item]
         cmd += ["--set", f"seed={self.seed}", "--out", str(self.folder), "--quiet"]
-        if resume:
+        if resume:  # a train state is resumed; none (killed before its first save): started again
             cmd.append("--resume")
-        if force:
-            cmd.append("--force")
         return cmd
 
     @property
@@ -198,7 +196,7 @@ class Study:
 
     def tune_runs(self) -> list[RunSpec]:
         runs = []
-        seeds = self.spec.seeds[:1] if self.spec.tune_seeds == "first" else self.spec.seeds
+        seeds = self.tune_seeds()
         for arm, method, overrides in self.spec.arms:
             grid = self.spec.tune.get(arm)
             if not grid:
@@ -240,8 +238,15 @@ class Study:
             out[arm] = {"complete": complete, "val_top1": table, "chosen": best, "values": values}
         return out
 
+    def tune_seeds(self) -> list[int]:
+        return self.spec.seeds[:1] if self.spec.tune_seeds == "first" else list(self.spec.seeds)
+
     def seed_runs(self, chosen: dict[str, dict[str, Any]] | None = None) -> list[RunSpec] | None:
-        """The runs of every arm and seed; None while some tuning is not finished."""
+        """The runs of every arm and seed; None while some tuning is not finished.
+
+        A tuned arm's run at a seed it was tuned on is the chosen candidate's tuning run (the
+        same recipe): it is reused, not run again.
+        """
         chosen = self.chosen() if chosen is None else chosen
         runs = []
         for arm, method, overrides in self.spec.arms:
@@ -251,7 +256,10 @@ class Study:
             values = tuned["values"] if tuned else {}
             sets = [*self.spec.sets, *_distill_sets({**overrides, **(values or {})})]
             for seed in self.spec.seeds:
-                runs.append(RunSpec(arm, method, seed, tuple(sets), self.folder / "runs" / arm / f"s{seed}"))
+                folder = self.folder / "runs" / arm / f"s{seed}"
+                if tuned and tuned["chosen"] is not None and seed in self.tune_seeds():
+                    folder = self.folder / "tune" / arm / _folder_name(tuned["chosen"]) / f"s{seed}"
+                runs.append(RunSpec(arm, method, seed, tuple(sets), folder))
         return runs
 
     def expected_recipe(self, run: RunSpec) -> str:
@@ -264,7 +272,7 @@ class Study:
         or 'stale' (a run whose recipe is not the one the study now asks for)."""
         folder = run.folder
         saved = folder / "recipe.yaml"
-        if saved.exists() and saved.read_text() != self.expected_recipe(run):
+        if saved.exists() and canonical_recipe(saved.read_text()) != self.expected_recipe(run):
             return "stale"
         if (folder / STATE).exists():
             return "resume"
@@ -430,7 +438,7 @@ class Runner:
 
     def _start(self, run: RunSpec, status: str, i: int, total: int, eta: str) -> None:
         run.folder.mkdir(parents=True, exist_ok=True)
-        cmd = run.command(self.recipe, resume=status == "resume", force=status == "restart", exe=self.exe)
+        cmd = run.command(self.recipe, resume=status in ("resume", "restart"), exe=self.exe)
         log = open(run.folder / "compare.log", "a")  # noqa: SIM115 (closed when the run ends)
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
@@ -607,7 +615,7 @@ def _dry_run(study: Study, say: Callable[[str], None]) -> CompareResult:
     for run in tune:
         status = study.status(run)
         if status != "done":
-            lines.append(shlex.join(run.command(study.recipe_path, resume=status == "resume", force=status == "restart")))
+            lines.append(shlex.join(run.command(study.recipe_path, resume=status in ("resume", "restart"))))
     seeds = study.seed_runs()
     if seeds is None:
         lines.append("# the runs of the tuned arms wait for the tuning runs above: run --dry-run again once they are done")
@@ -615,7 +623,7 @@ def _dry_run(study: Study, say: Callable[[str], None]) -> CompareResult:
         for run in seeds:
             status = study.status(run)
             if status != "done":
-                lines.append(shlex.join(run.command(study.recipe_path, resume=status == "resume", force=status == "restart")))
+                lines.append(shlex.join(run.command(study.recipe_path, resume=status in ("resume", "restart"))))
     for line in lines:
         say(line)
     return CompareResult(study.folder, "", {}, [], [], pending=True)
@@ -630,7 +638,9 @@ def collect(study: Study) -> dict[str, Any]:
     chosen = study.chosen()
     runs = study.seed_runs(chosen) or []
     by_arm: dict[str, dict[str, dict[int, float]]] = {}
+    folders: dict[str, dict[int, str]] = {}
     for run in runs:
+        folders.setdefault(run.arm, {})[run.seed] = str(run.folder)
         s = read_summary(run.folder)
         figs = by_arm.setdefault(run.arm, {"test": {}, "val": {}, "synergy": {}})
         for key, name in (("student_test_top1", "test"), ("student_val_top1", "val"), ("synergy_test_top1", "synergy")):
@@ -646,6 +656,7 @@ def collect(study: Study) -> dict[str, Any]:
             "method": method,
             "overrides": overrides,
             "tuned": tuned,
+            "folders": folders.get(arm, {}),
             "test": asdict(Figures.of(figs["test"])),
             "val": asdict(Figures.of(figs["val"])),
             "synergy_test": asdict(Figures.of(figs["synergy"])) if figs["synergy"] else None,
