@@ -86,6 +86,20 @@ class DataSpec(Spec):
         " (seeded, stratified): a smaller transfer set with the same validation and test splits"
     )
     split_seed: int = Field(0, ge=-MAX_SEED, lt=MAX_SEED, description="seed of the train/val split and the subset")
+    test_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="imagefolder without a test/ or val/ folder: share of the images carved out as the test"
+        " split (seeded by split_seed, stratified); default 0.2. An error where the data has a test split",
+    )
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _test_fraction_only_to_carve(cls, value: float | None, info: Any) -> float | None:
+        source = info.data.get("source")
+        if value is not None and source is not None and source != "imagefolder":
+            raise ValueError(f"source {source} has its own test split; only imagefolder data without a test/"
+                             " or val/ folder has one carved")
+        return value
 
 
 # ---------------------------------------------------------------- training
@@ -429,6 +443,12 @@ class Recipe(Spec):
         description="auto: bf16 autocast on CUDA; fp32 training on CPU, teachers in bf16 where the CPU has"
         " bf16 matrix units. fp32: no autocast, no TF32. bf16: bf16 autocast everywhere",
     )
+    tracking: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        max_length=2,
+        description="experiment trackers besides metrics.csv: tensorboard (pip install 'asib[tensorboard]'),"
+        " wandb (pip install 'asib[wandb]'; offline without an API key)",
+    )
     sync_bn: bool = Field(False, description="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)")
     data: DataSpec = DataSpec()
     teachers: list[TeacherSpec] = Field(default_factory=list, max_length=MAX_TEACHERS)
@@ -744,7 +764,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, method: st
 def read_recipe_text(path: Path) -> str:
     """The text of a recipe file: a file (not a folder), of a recipe's size, in UTF-8."""
     if not path.exists():
-        raise RecipeError([f"{path}: no such file"], hint="recipes/ holds ready recipes, e.g. recipes/digits.yaml")
+        from asib.builtin_recipes import missing_hint
+
+        raise RecipeError([f"{path}: no such file"], hint=missing_hint(path))
     if path.is_dir():
         raise RecipeError([f"{path}: is a folder, not a YAML recipe"])
     try:

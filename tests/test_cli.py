@@ -60,7 +60,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert r.exit_code == 0, r.output
     r = invoke("finetune-teacher", recipe, "--quiet")
     assert r.exit_code == 0, r.output
-    return {"root": root, "recipe": recipe, "data": root / "data" / "digits", "run": root / "runs" / "tiny"}
+    return {"root": root, "recipe": recipe, "data": root / "data" / "digits", "run": root / "runs" / "tiny",
+            "finetune_output": r.output}
 
 
 def test_prepare_and_finetune_write_artifacts(pipeline: dict[str, Path]) -> None:
@@ -74,6 +75,26 @@ def test_prepare_and_finetune_write_artifacts(pipeline: dict[str, Path]) -> None
         assert not (folder / "train_state.safetensors").exists()
         lines = (folder / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 2 and "val_top1" in json.loads(lines[-1])
+        record = json.loads(lines[-1])
+        assert record["val_loss"] > 0 and record["seconds"] >= 0  # validation loss, the epoch's time
+        assert len((folder / "metrics.csv").read_text().splitlines()) == 3  # a header, one row per epoch
+        log = (folder / "train.log").read_text()
+        assert "run started" in log and log.count("epoch=") == 2 and f"{t}: best epoch" in log
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["versions"]["torch"] and summary["device"]["type"] == "cpu" and summary["params"] > 0
+
+
+def test_finetune_ends_with_a_table_of_its_teachers(pipeline: dict[str, Path]) -> None:
+    lines = str(pipeline["finetune_output"]).splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("teacher "))
+    assert lines[head].split() == ["teacher", "arch", "params", "best", "epoch", "val", "top-1", "test", "top-1",
+                                   "seconds", "checkpoint"]
+    for row, name in zip(lines[head + 1:head + 3], ("t1", "t2"), strict=True):
+        summary = json.loads((pipeline["run"] / "teachers" / name / "summary.json").read_text())
+        cells = row.split()
+        assert cells[0] == name and cells[1] == summary["arch"]
+        assert cells[3] == f"{summary['best_epoch']}/2" and cells[5] == f"{summary['test_top1']:.2f}"
+        assert cells[-1].endswith(f"{name}/model.safetensors")
 
 
 def test_evaluate_reproduces_summary(pipeline: dict[str, Path]) -> None:
@@ -101,16 +122,64 @@ def test_distill_end_to_end(pipeline: dict[str, Path]) -> None:
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["phase"] for x in records] == ["A", "B"]
     a, b = records
-    for key in ("syn_ce", "ib_kl", "cccp", "beta", "tau", "attn_t0", "attn_t1", "synergy_val_top1"):
+    for key in ("syn_ce", "ib_kl", "cccp", "beta", "tau", "attn_t0", "attn_t1", "synergy_val_top1", "seconds"):
         assert key in a, key
-    for key in ("ce", "kd", "kd_ens", "tau", "disagree", "student_val_top1", "attn_t0"):
+    for key in ("ce", "kd", "kd_ens", "tau", "disagree", "student_val_top1", "student_val_loss", "attn_t0", "seconds"):
         assert key in b, key
+
+    # the final table: sizes, val and test, the kept epoch, the gain over the teachers' average
+    average = summary["teacher_average_test_top1"]
+    assert average == pytest.approx(_teacher_average_top1(pipeline), abs=1e-3)
+    assert summary["student_gain_over_teacher_average"] == pytest.approx(summary["student_test_top1"] - average, abs=1e-3)
+    assert summary["student_params"] > 0 and len(summary["teacher_params"]) == 2 and summary["best_epoch"] == 2
+    assert summary["versions"]["asib"] and summary["device"]["type"] == "cpu"
+    table = r.output.splitlines()
+    assert ["model", "arch", "params", "val", "top-1", "test", "top-1"] in [line.split() for line in table]
+    row = next(line.split() for line in table if line.startswith("student (asib)"))
+    assert row[-2:] == [f"{summary['student_val_top1']:.2f}", f"{summary['student_test_top1']:.2f}"]
+    assert any(line.startswith("teacher average (logits)") and line.endswith(f"{average:.2f}") for line in table)
+    assert "student kept: epoch 2 of 2 (best val top-1)" in r.output
+    assert f"student - teacher average: {summary['student_gain_over_teacher_average']:+.2f} points" in r.output
+    log = (out / "train.log").read_text()  # what the run printed, the table included
+    assert log.count("epoch=") == 2 and "student - teacher average" in log and "run folder:" in log
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
     r = invoke("evaluate", out / "student.safetensors", "--data", data, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["top1"] == pytest.approx(summary["student_test_top1"], abs=1e-9)
     r = invoke("evaluate", out / "synergy.safetensors", "--data", data, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["top1"] == pytest.approx(summary["synergy_test_top1"], abs=1e-9)
+
+
+def _teacher_average_top1(pipeline: dict[str, Path]) -> float:
+    """Test top-1 (%) of the average logits of the two teachers, computed here from their files."""
+    import torch
+
+    from asib.data import load_info
+    from asib.engine.checkpoint import load_model
+    from asib.engine.loaders import eval_loader
+    from asib.engine.runtime import make_runtime
+
+    runtime = make_runtime("cpu", precision="fp32")
+    loader = eval_loader(pipeline["data"], "test", load_info(pipeline["data"]), 256, runtime)
+    teachers = [load_model(pipeline["run"] / "teachers" / t / "model.safetensors")[0].eval() for t in ("t1", "t2")]
+    hits = n = 0
+    with torch.inference_mode():
+        for batch in loader.batches(0):
+            mean = torch.stack([t(batch.x).float() for t in teachers]).mean(0)
+            hits += int((mean.argmax(1) == batch.y).sum())
+            n += batch.y.numel()
+    return 100.0 * hits / n
+
+
+def test_missing_tracker_is_one_line_before_any_work(pipeline: dict[str, Path], monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    out = pipeline["root"] / "runs" / "tracked"
+    r = invoke("distill", pipeline["recipe"], "--out", out, "--set", "tracking=[wandb]")
+    assert r.exit_code == 1
+    assert "tracking: wandb needs the wandb package, which is not installed" in r.output
+    assert "pip install 'asib[wandb]'" in r.output and "Traceback" not in r.output
+    assert not out.exists()
 
 
 def test_synergy_checkpoint_holds_the_adapted_teacher_blocks(pipeline: dict[str, Path]) -> None:

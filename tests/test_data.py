@@ -330,6 +330,92 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_imagefolder(tmp_path)
 
 
+def write_flat_folder(root: Path, per_class: int = 10) -> Path:
+    """torchvision's ImageFolder layout: root/<class>/*.png, one split; each image a distinct value."""
+    for c, cls in enumerate(("cat", "dog")):
+        for i in range(per_class):
+            write_png(root / cls / f"{i:02d}.png", (4, 4), 100 * c + i)
+    return root
+
+
+def test_imagefolder_flat_layout_carves_a_seeded_stratified_test_split(tmp_path: Path) -> None:
+    from asib.data.sources.imagefolder import find_layout
+
+    root = write_flat_folder(tmp_path / "pets")
+    raw = load_imagefolder(root)
+    assert raw.classes == ("cat", "dog")
+    assert len(raw.test_labels) == 4 and raw.test_labels.tolist() == [0, 0, 1, 1]  # 20%, stratified
+    assert len(raw.train_labels) == 16
+    seen = {int(x[0, 0, 0]) for x in np.concatenate([raw.train_images, raw.test_images])}
+    assert len(seen) == 20  # every image once, in one split or the other
+    again = load_imagefolder(root)
+    np.testing.assert_array_equal(again.test_images, raw.test_images)  # seeded
+    other = load_imagefolder(root, seed=1)
+    assert not np.array_equal(other.test_images, raw.test_images)
+    assert len(load_imagefolder(root, test_fraction=0.5).test_labels) == 10
+    assert "one folder of class folders" in find_layout(root).describe()
+    assert "20%" in find_layout(root).describe()
+    # through a recipe: data.test_fraction and data.split_seed
+    spec = DataSpec(source="imagefolder", root=str(root), test_fraction=0.3, val_fraction=0.0, split_seed=3)
+    info = prepare_data(spec, tmp_path / "prepared", "pets")
+    assert info.counts == {"train": 14, "val": 0, "test": 6}
+
+
+def test_imagefolder_train_and_val_layout(tmp_path: Path) -> None:
+    from asib.data.sources.imagefolder import find_layout
+
+    root = write_imagefolder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "test").rename(tmp_path / "test_moved")  # ImageNet's layout: train/ + val/
+    raw = load_imagefolder(root)
+    assert raw.test_images.shape == (4, 5, 6, 3)  # val/ (2 per class) is the test split
+    layout = find_layout(root)
+    assert layout.test == root / "val" and not layout.ignored
+    assert "val/ is the test split" in layout.describe()
+    (tmp_path / "imgs" / "val").rename(tmp_path / "val_moved")  # train/ alone: a test split is carved
+    assert find_layout(root).test is None
+    assert len(load_imagefolder(root).test_labels) == 1  # round(20% of 7 images)
+
+
+def test_imagefolder_says_val_is_not_read_when_test_exists(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from asib.cli import app
+    from asib.data.sources.imagefolder import find_layout
+
+    root = write_imagefolder(tmp_path / "imgs")
+    layout = find_layout(root)
+    assert layout.test == root / "test" and layout.ignored == ("val",)
+    assert "val/ not read" in layout.describe()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "imgs", "data": {
+        "source": "imagefolder", "root": str(root), "dir": str(tmp_path / "data"), "val_fraction": 0.0}}))
+    r = CliRunner().invoke(app, ["prepare-data", str(recipe), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "val/ not read" in r.output  # said even with --quiet
+
+
+def test_imagefolder_layout_errors(tmp_path: Path) -> None:
+    from asib.errors import RecipeError
+    from asib.recipe import recipe_from_dict
+
+    write_png(tmp_path / "a" / "test" / "cat" / "0.png", (4, 4), 1)
+    with pytest.raises(DataError, match="has test/ but no train/"):
+        load_imagefolder(tmp_path / "a")
+    write_png(tmp_path / "b" / "loose.png", (4, 4), 1)
+    write_png(tmp_path / "b" / "cat" / "0.png", (4, 4), 1)
+    with pytest.raises(DataError, match="holds images directly"):
+        load_imagefolder(tmp_path / "b")
+    root = write_imagefolder(tmp_path / "c")
+    with pytest.raises(DataError, match="test_fraction is set but .* has its own test split"):
+        load_imagefolder(root, test_fraction=0.3)
+    with pytest.raises(DataError, match="no folder"):
+        load_imagefolder(tmp_path / "missing")
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"name": "x", "data": {"source": "digits", "test_fraction": 0.3}})
+    assert err.value.problems[0].startswith("data.test_fraction: source digits has its own test split")
+
+
 def test_digits_split() -> None:
     raw = load_digits()
     assert len(raw.train_labels) + len(raw.test_labels) == 1797

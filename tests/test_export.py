@@ -152,3 +152,107 @@ def test_export_checks_data_fits_the_model(student: dict[str, Path], tmp_path: P
     assert r.exit_code == 1 and "trained on" in r.output, r.output
     r = runner.invoke(app, ["export", str(student["ckpt"]), "--format", "tflite", "--out", str(tmp_path / "m")])
     assert r.exit_code == 2  # typer's own usage error for an unknown choice
+
+
+# ---------------------------------------------------------------- --format hf
+
+
+def _timm_checkpoint(student: dict[str, Path], arch: str = "test_efficientnet") -> Path:
+    """A timm model (a small test architecture, no download) with the digits student's header extras."""
+    info = read_info(student["ckpt"])
+    torch.manual_seed(0)
+    model = create_model(arch, 10).eval()
+    extras = {k: info.json_field(k) for k in ("classes", "mean", "std", "image_size")}
+    return save_model(student["root"] / f"{arch}.safetensors", model, "teacher", extras)
+
+
+def test_hf_export_of_a_timm_model_is_rebuilt_by_timm(student: dict[str, Path]) -> None:
+    import timm
+    from safetensors.torch import load_file
+    from timm.data import resolve_data_config
+
+    ckpt = _timm_checkpoint(student)
+    out = student["root"] / "hf_timm"
+    r = runner.invoke(app, ["export", str(ckpt), "--format", "hf", "--out", str(out), "--data", str(student["data"])])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert "timm.create_model(" in r.output and _diff_from_output(r.output, "hf") <= 1e-4
+
+    config = json.loads((out / "config.json").read_text())
+    header = read_info(ckpt)
+    assert config["architecture"] == "test_efficientnet" and config["num_classes"] == 10
+    assert config["label_names"] == header.json_field("classes")
+    assert isinstance(config["num_features"], int)
+    cfg = config["pretrained_cfg"]
+    assert cfg["mean"] == header.json_field("mean") and cfg["std"] == header.json_field("std")
+    assert cfg["input_size"] == [3, 8, 8] and cfg["crop_pct"] == 1.0
+    state = load_file(str(out / "model.safetensors"))
+    assert not any(k.startswith(("model.", "head_drop.")) for k in state)  # asib's wrapper is gone
+    assert "classifier.weight" in state  # timm's own name of this family's head
+
+    asib_model, _ = load_model(ckpt)
+    x = _test_images(student["data"], 4)
+    with torch.inference_mode():
+        want = asib_model(x)
+    # as the README tells a timm user: the architecture, and the file
+    rebuilt = timm.create_model("test_efficientnet", pretrained=True, num_classes=10,
+                                pretrained_cfg_overlay={"file": str(out / "model.safetensors"), "num_classes": 10})
+    with torch.inference_mode():
+        assert (rebuilt.eval()(x) - want).abs().max().item() <= 1e-5
+    # and the folder alone, config.json included (timm's local-dir: source)
+    try:
+        from_dir = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    except RuntimeError as exc:  # a timm without local-dir: support
+        pytest.skip(f"this timm cannot load a local folder ({exc})")
+    with torch.inference_mode():
+        assert (from_dir(x) - want).abs().max().item() <= 1e-5
+    data_cfg = resolve_data_config({}, model=from_dir)
+    assert tuple(data_cfg["input_size"]) == (3, 8, 8) and list(data_cfg["mean"]) == cfg["mean"]
+    assert list(from_dir.pretrained_cfg["label_names"]) == config["label_names"]
+
+
+def test_hf_export_of_a_zoo_model_says_how_asib_rebuilds_it(student: dict[str, Path]) -> None:
+    import asib.api
+
+    out = student["root"] / "hf_zoo"
+    r = runner.invoke(app, ["export", str(student["ckpt"]), "--format", "hf", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "asib.api.load_model" in r.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["library"] == "asib" and config["architecture"] == "resnet8"
+    assert "asib.api.load_model" in config["how_to_load"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 8, 8] and len(config["label_names"]) == 10
+    rebuilt, info = asib.api.load_model(out / "model.safetensors")
+    model, _ = load_model(student["ckpt"])
+    x = _test_images(student["data"], 3)
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(x), model(x))
+    assert info.kind == "student"
+
+
+def test_hf_export_folder_rules(student: dict[str, Path], tmp_path: Path) -> None:
+    args = ["export", str(student["ckpt"]), "--format", "hf", "--out"]
+    (tmp_path / "file").write_text("x")
+    r = runner.invoke(app, [*args, str(tmp_path / "file")])
+    assert r.exit_code == 1 and "writes a folder" in r.output
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = runner.invoke(app, [*args, str(tmp_path / "mine"), "--force"])
+    assert r.exit_code == 1 and "notes.txt" in r.output
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    out = tmp_path / "hf"
+    assert runner.invoke(app, [*args, str(out)]).exit_code == 0
+    r = runner.invoke(app, [*args, str(out)])
+    assert r.exit_code == 1 and "--force" in r.output
+    r = runner.invoke(app, [*args, str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "hf", "mine"]  # no temporary folders left
+
+
+def test_export_refuses_data_of_another_normalisation(student: dict[str, Path], tmp_path: Path) -> None:
+    other = tmp_path / "digits_other_subset"
+    prepare_data(DataSpec(source="digits", train_subset=120, val_fraction=0.2), other, "digits")  # other mean/std
+    r = runner.invoke(app, ["export", str(student["ckpt"]), "--format", "safetensors",
+                            "--out", str(tmp_path / "m.safetensors"), "--data", str(other)])
+    assert r.exit_code == 1 and "trained on 8x8 images (mean" in r.output, r.output
+    assert not (tmp_path / "m.safetensors").exists()

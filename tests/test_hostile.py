@@ -228,7 +228,8 @@ def test_files_honour_the_umask(world: World, tmp_path: Path) -> None:
         os.umask(old)
     assert r.exit_code == 0, r.output
     modes = {p.name: p.stat().st_mode & 0o777 for p in teacher_dir(tmp_path).iterdir()}
-    names = ("model.safetensors", "last.safetensors", "recipe.yaml", "metrics.jsonl", "summary.json")
+    names = ("model.safetensors", "last.safetensors", "recipe.yaml", "metrics.jsonl", "summary.json",
+             "metrics.csv", "train.log")
     assert modes == {name: 0o664 for name in names}
 
 
@@ -470,7 +471,8 @@ def test_resume_after_a_kill_before_the_first_train_state(world: World, tmp_path
     assert "no train state to resume; starting the run from the beginning" in r.output
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
     assert sorted(p.name for p in folder.iterdir()) == [
-        "last.safetensors", "metrics.jsonl", "model.safetensors", "recipe.yaml", "summary.json"]
+        "last.safetensors", "metrics.csv", "metrics.jsonl", "model.safetensors", "recipe.yaml", "summary.json",
+        "train.log"]
 
 
 def test_resume_refuses_a_changed_recipe_without_a_train_state(world: World, tmp_path: Path) -> None:

@@ -12,7 +12,21 @@ import yaml
 from typer.testing import CliRunner
 
 from asib.cli import app
-from asib.report import group_runs, loss_keys, make_report, plot_accuracy, read_run
+from asib.errors import AsibError
+from asib.report import (
+    Run,
+    best_epoch,
+    group_runs,
+    loss_keys,
+    make_report,
+    plot_accuracy,
+    plot_losses,
+    plot_schedules,
+    read_run,
+    run_name,
+    student_epochs,
+)
+from asib.report.plots import _loss_panels
 
 runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,15 +105,17 @@ def test_report_plots_and_aggregates_seeds(runs: dict[str, Path]) -> None:
     out = runs["root"] / "rep_many"
     r = invoke("report", runs["s0"], runs["s1"], runs["t1"], "--out", out)
     assert r.exit_code == 0, r.output
-    assert "wrote 12 plots" in r.output
+    assert "wrote 9 plots" in r.output
     _png(out / "accuracy_compare.png")
     for run in ("s0", "s1"):
-        for name in ("accuracy", "losses", "schedules", "attention"):
+        for name in ("accuracy", "losses", "attention"):
             _png(out / run / f"{name}.png")
-    teacher = out / "tiny-teachers-t1"  # a finetune-teacher run: loss, val accuracy, learning rate
-    for name in ("accuracy", "losses", "schedules"):
+    teacher = out / "tiny-teachers-t1"  # a finetune-teacher run: loss, val accuracy
+    for name in ("accuracy", "losses"):
         _png(teacher / f"{name}.png")
     assert not (teacher / "attention.png").exists()
+    # one epoch per phase: every schedule is flat, so no schedules panel at all
+    assert not (teacher / "schedules.png").exists() and not (out / "s0" / "schedules.png").exists()
 
     table = (out / "report.md").read_text()
     seeds = [_summary(runs[s]) for s in ("s0", "s1")]
@@ -183,3 +199,101 @@ def test_unfinished_run_is_plotted_and_marked(tmp_path: Path) -> None:
     live = read_run(run)
     live.label = "live"
     _png(plot_accuracy(live, tmp_path / "rep" / "accuracy.png"))  # no summary: no teacher lines, still a plot
+
+
+# ---------------------------------------------------------------- what the plots show
+
+
+def _ladder_run(path: Path, summary: bool = True) -> Path:
+    """A hand-written ASIB run of 2 stages (A, B, B each) whose teachers are 0.3 points apart near
+    90% while the student starts at 20%."""
+    path.mkdir(parents=True)
+    records, epoch = [], 0
+    for stage in (1, 2):
+        epoch += 1
+        records.append({"epoch": epoch, "phase": "A", "stage": stage, "loss": 3.0 - stage, "syn_ce": 1.0,
+                        "beta": 0.001 * stage, "tau": 4.0, "synergy_val_top1": 80.0 + stage, "seconds": 1.0})
+        for _ in range(2):
+            epoch += 1
+            val = 20.0 + 30 * epoch
+            records.append({"epoch": epoch, "phase": "B", "stage": stage, "loss": 0.5 / epoch, "ce": 1.0 / epoch,
+                            "tau": 4.0, "kd_w": 0.35, "lr": 0.1 / epoch, "student_val_top1": min(val, 89.0),
+                            "student_val_loss": 2.0 / epoch, "seconds": 2.0})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = {"name": "ladder", "seed": 0, "student": {"arch": "resnet8"}, "distill": {"method": "asib"},
+              "teachers": [{"name": "a", "arch": "resnet20"}, {"name": "b", "arch": "wrn_16_1"}]}
+    (path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    if summary:
+        (path / "summary.json").write_text(json.dumps({
+            "method": "asib", "student_arch": "resnet8", "teachers": ["a", "b"], "best_epoch": 5,
+            "student_test_top1": 88.7, "synergy_test_top1": 89.6, "student_val_top1": 89.0,
+            "teacher_test_top1": [89.49, 89.23], "teacher_val_top1": [90.4, 90.2],
+            "teacher_average_test_top1": 89.81, "seconds": 10.0}))
+    return path
+
+
+def _read(path: Path) -> Run:
+    run = read_run(path)
+    run.label = path.name
+    return run
+
+
+def test_losses_keep_a_and_b_steps_apart_and_show_val_loss(tmp_path: Path) -> None:
+    run = _read(_ladder_run(tmp_path / "ladder"))
+    panels = _loss_panels(run)
+    titles = [t for t, _ in panels]
+    assert titles == ["A-step (teacher side): loss", "A-step (teacher side): syn_ce", "B-step (student): loss",
+                      "B-step (student): ce", "cross-entropy: validation and training"]
+    for title, lines in panels:
+        for _, key, records in lines:
+            phases = {r["phase"] for r in records if key in r}
+            assert phases == ({"A"} if title.startswith("A-step") else {"B"}), (title, key)  # never joined
+    assert [label for label, _, _ in panels[-1][1]] == ["student val", "student train (B-step ce)"]
+    assert best_epoch(run) == 5
+    run.summary = None  # an unfinished run: the first best validation epoch
+    assert best_epoch(run) == 3
+
+
+def test_accuracy_zooms_on_close_final_figures_and_writes_vector_formats(tmp_path: Path) -> None:
+    run = _read(_ladder_run(tmp_path / "ladder"))
+    svg = plot_accuracy(run, tmp_path / "accuracy.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and 'id="axes_2"' in svg  # the zoom panel
+    assert "best epoch 5 (kept)" in svg and "teacher average logits (test 89.81)" in svg
+    pdf = plot_losses(run, tmp_path / "losses.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF")
+    flat = _read(_fake_run(tmp_path / "flat", {"name": "f", "seed": 0, "distill": {"method": "asib"}}, 81.0, 1.0))
+    assert 'id="axes_2"' not in plot_accuracy(flat, tmp_path / "flat.svg").read_text()  # nothing to zoom on
+    with pytest.raises(AsibError, match="png, svg, pdf"):
+        plot_accuracy(run, tmp_path / "accuracy.jpg")
+
+
+def test_flat_schedules_are_a_footnote(tmp_path: Path) -> None:
+    run = _read(_ladder_run(tmp_path / "ladder"))
+    svg = plot_schedules(run, tmp_path / "schedules.svg").read_text()
+    assert "IB beta" in svg and "learning rate" in svg  # they change
+    assert "temperature tau" not in svg and "loss weights" not in svg  # flat: no panel of their own
+    assert "constant all run: tau = 4, kd_w = 0.35" in svg
+
+
+def test_comparison_counts_student_epochs_and_names_models(tmp_path: Path) -> None:
+    run = _read(_ladder_run(tmp_path / "ladder"))
+    assert student_epochs(run.records) == ([1.0, 2.0, 3.0, 4.0], [80.0, 89.0, 89.0, 89.0])
+    assert run_name(run) == "student resnet8 (asib)"
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "phase": "train", "loss": 1.0}) + "\n")
+    assert run_name(_read(tmp_path / "t")) == "teacher t (?)"  # a finetune run without summary or recipe
+    out = make_report([run.path, _ladder_run(tmp_path / "other")], tmp_path / "rep", fmt="svg")
+    compare = (tmp_path / "rep" / "accuracy_compare.svg").read_text()
+    assert "student epoch (B-step epochs; A-steps not counted)" in compare
+    assert "student resnet8 (asib), recipe ladder" in compare
+    assert not [p for p in out.files if p.suffix == ".png"]
+    with pytest.raises(AsibError, match="plot format"):
+        make_report([run.path], tmp_path / "rep2", fmt="gif")
+
+
+def test_report_format_option(runs: dict[str, Path]) -> None:
+    out = runs["root"] / "rep_pdf"
+    r = invoke("report", runs["s0"], "--out", out, "--format", "pdf")
+    assert r.exit_code == 0, r.output
+    assert "wrote 3 plots" in r.output
+    assert (out / "s0" / "accuracy.pdf").read_bytes().startswith(b"%PDF")

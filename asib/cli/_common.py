@@ -18,7 +18,46 @@ from asib.errors import AsibError, RecipeError, WriteError, clip
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/digits.yaml", show_default=False)]
+
+
+def recipe_path(text: str) -> Path:
+    """A RECIPE argument as a file: the path when it exists, else the built-in recipe of that
+    name (``asib recipe list``), else the path as given (reading it fails with a hint)."""
+    from asib.builtin_recipes import resolve_recipe, shadowed_file
+
+    local = shadowed_file(text)
+    if local is not None:
+        notice(f"using the built-in recipe {text}; {local} is not read (give its path to use it)")
+    return resolve_recipe(text)
+
+
+def complete_recipe(incomplete: str) -> list[str]:
+    """Shell completion of a RECIPE: built-in names, then YAML files and folders under the prefix."""
+    from asib.builtin_recipes import SUFFIXES, builtin_recipes
+
+    names = [r.name for r in builtin_recipes() if r.name.startswith(incomplete)]
+    folder, _, stem = incomplete.rpartition("/")
+    base = Path(folder or ".")
+    files: list[str] = []
+    if base.is_dir():
+        for entry in sorted(base.iterdir()):
+            if entry.name.startswith(stem) and not entry.name.startswith("."):
+                shown_name = f"{folder}/{entry.name}" if folder else entry.name
+                if entry.is_dir():
+                    files.append(shown_name + "/")
+                elif entry.suffix in SUFFIXES:
+                    files.append(shown_name)
+    return names + files
+
+
+RecipeArg = Annotated[
+    Path,
+    typer.Argument(
+        help="YAML recipe file, or the name of a built-in recipe (asib recipe list), e.g. digits;"
+        " a file of that path wins over a name",
+        metavar="RECIPE", parser=recipe_path, autocompletion=complete_recipe, show_default=False,
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="override a recipe value before validation: key.sub=value (repeatable)"),

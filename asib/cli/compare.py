@@ -43,8 +43,6 @@ def compare(
     """Run every method and variant at every seed as an ordinary `asib distill` run under one study folder
     (finished runs are skipped, unfinished ones resumed), tune the knobs asked for on validation first,
     and print each arm's mean ± sd and its paired difference to a reference with a 95% interval.
-
-    Example: asib compare recipes/fashion_mnist.yaml --methods ce,avg_kd,asib --seeds 0-4 --tune avg_kd:tau=1,2,4
     """
     import os
 

@@ -13,6 +13,7 @@ from asib.cli._common import (
     SetOpt,
     handle_errors,
     load,
+    notice,
     out_console,
     path_override,
     printable,
@@ -29,9 +30,19 @@ def prepare_data(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Read the recipe's data source and write train/val/test tensors plus dataset.json."""
+    """Read the recipe's data source and write train/val/test tensors plus dataset.json.
+
+    An imagefolder source may be one folder of class folders (a seeded, stratified test split
+    is carved: data.test_fraction), train/ + test/, or train/ + val/ (val/ is then the test split).
+    """
     sets = list(set_ or []) + ([path_override("data.dir", out)] if out else [])
     r = load(recipe, sets, check_models=False)
+    if r.data.source == "imagefolder":
+        from asib.data.sources.imagefolder import find_layout
+
+        layout = find_layout(r.data.root, r.data.test_fraction)
+        if layout.ignored or not quiet:  # a folder that is not read is said even with --quiet
+            notice(layout.describe())
     from asib.data import prepare_data as run_prepare
 
     info = run_prepare(r.data, r.data_dir, name=r.name, force=force)

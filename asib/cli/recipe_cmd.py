@@ -1,4 +1,4 @@
-"""``asib recipe check FILE`` and ``asib recipe schema``."""
+"""``asib recipe list``, ``asib recipe show NAME``, ``asib recipe check RECIPE`` and ``asib recipe schema``."""
 
 from __future__ import annotations
 
@@ -10,21 +10,47 @@ import typer
 
 from asib.cli._common import RecipeArg, SetOpt, handle_errors, load
 
-app = typer.Typer(help="Check a recipe or print the recipe schema.", no_args_is_help=True)
+app = typer.Typer(
+    help="List, show and check recipes; print the recipe schema.",
+    no_args_is_help=True,
+    epilog="Examples:\n\n  asib recipe list\n\n  asib recipe show digits > my.yaml\n\n"
+    "  asib recipe check my.yaml --set distill.tau=2",
+)
 
 
-@app.command("check")
+@app.command("list", epilog="Example: asib recipe list")
+@handle_errors
+def list_() -> None:
+    """The built-in recipes: each name (usable wherever a recipe file is) and its first comment line."""
+    from asib.builtin_recipes import builtin_recipes
+
+    recipes = builtin_recipes()
+    width = max((len(r.name) for r in recipes), default=0)
+    for r in recipes:
+        typer.echo(f"{r.name:<{width}}  {r.summary}".rstrip())
+
+
+@app.command("show", epilog="Examples:\n\n  asib recipe show digits\n\n  asib recipe show study/fmnist_full > mine.yaml")
+@handle_errors
+def show(recipe: RecipeArg) -> None:
+    """Print a recipe as written (comments included), to copy and edit; a built-in name or a file."""
+    from asib.recipe import read_recipe_text
+
+    typer.echo(read_recipe_text(recipe), nl=False)
+
+
+@app.command(
+    "check",
+    epilog="Examples:\n\n  asib recipe check digits\n\n  asib recipe check my.yaml --set distill.tau=2",
+)
 @handle_errors
 def check(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Validate a recipe (model names included) and print it resolved, every default filled in.
-
-    Example: asib recipe check recipes/digits.yaml --set distill.tau=2
-    """
+    """Validate a recipe (model names included) and print it resolved, every default filled in."""
     r = load(recipe, set_)
     typer.echo(r.to_yaml(), nl=False)
 
 
-@app.command("schema")
+@app.command("schema", epilog="Example: asib recipe schema --out recipe.schema.json")
 @handle_errors
 def schema(
     out: Annotated[Path | None, typer.Option("--out", help="write to this file instead of stdout")] = None,

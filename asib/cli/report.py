@@ -16,6 +16,12 @@ class GroupBy(str, Enum):
     name = "name"
 
 
+class PlotFormat(str, Enum):
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
 @handle_errors
 def report(
     runs: Annotated[
@@ -28,14 +34,17 @@ def report(
         typer.Option("--group-by", help="recipe: runs whose recipes differ only by seed are one row; name: by recipe name"),
     ] = GroupBy.recipe,
     table_only: Annotated[bool, typer.Option("--table-only", help="write report.md and report.json, no plots")] = False,
+    fmt: Annotated[
+        PlotFormat, typer.Option("--format", help="plot format: png, or svg / pdf (vector, for papers)")
+    ] = PlotFormat.png,
 ) -> None:
-    """PNG plots per run (accuracy, loss terms, schedules, attention) and a markdown table; seeds are aggregated."""
+    """Plots per run (accuracy, loss terms, schedules, attention; PNG, SVG or PDF) and a markdown table; seeds are aggregated."""
     from asib.report import make_report
 
-    result = make_report(runs, out, group_by=group_by.value, plots=not table_only)
+    result = make_report(runs, out, group_by=group_by.value, plots=not table_only, fmt=fmt.value)
     console = out_console()
     console.print(result.table, markup=False, end="")
-    n_png = sum(p.suffix == ".png" for p in result.files)
-    plots = f"{n_png} plots, " if n_png else ""
+    n_plots = sum(p.suffix == f".{fmt.value}" for p in result.files)
+    plots = f"{n_plots} plots, " if n_plots else ""
     console.print()
     console.print(printable(f"wrote {plots}report.md and report.json to {result.out_dir}"), markup=False)

@@ -283,6 +283,13 @@ def _synergy_header(info: CheckpointInfo) -> tuple[list[str], str, int, list[int
     return teachers, student, query_dim, dims, spec, bool(info.json_field("ib")), adapted
 
 
+def synergy_student_path(info: CheckpointInfo) -> Path:
+    """The student checkpoint a synergy checkpoint is queried with: its header says the input
+    size, normalisation and recipe the synergy was trained with (the synergy's own does not)."""
+    _, student, *_ = _synergy_header(info)
+    return _resolve(student, info.path.parent)
+
+
 def load_synergy_predictor(info: CheckpointInfo, runtime: Any):
     """A function x -> synergy logits, rebuilt from a synergy checkpoint and the files it names."""
     from asib.models.ib_mbm import IBMBM, SynergyHead

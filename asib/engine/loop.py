@@ -3,7 +3,8 @@
 A task (fine-tuning one model, or distilling with any method) gives a plan of epochs, the
 batches of each and a step function; the loop owns everything around the step: metric
 accumulation on the device (read once per epoch), the finiteness guard, train-state saves,
-resume and clean stops on SIGINT/SIGTERM.
+resume, clean stops on SIGINT/SIGTERM, the progress display and the epoch records (to the
+run folder: metrics.jsonl, metrics.csv, the trackers, and the epoch lines to train.log).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ if TYPE_CHECKING:
 
 # Under torchrun, ranks agree on a stop request (SIGINT/SIGTERM) every this many steps.
 STOP_CHECK_STEPS = 20
+# Keys of an epoch record that are wall-clock times (the epoch's seconds, validation included):
+# the only fields in which two runs of a deterministic recipe differ.
+TIMING_KEYS = frozenset({"seconds"})
+
+
+def without_timings(record: dict[str, Any]) -> dict[str, Any]:
+    """A record less its ``TIMING_KEYS``: what a deterministic recipe repeats exactly."""
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
 @dataclass(frozen=True)
@@ -217,7 +226,8 @@ class PlanResult:
 
 
 def _state(
-    task: Task, pos: int, step: int, sums: MetricSums, records: list[dict[str, Any]], elapsed: float
+    task: Task, pos: int, step: int, sums: MetricSums, records: list[dict[str, Any]], elapsed: float,
+    epoch_seconds: float = 0.0,
 ) -> dict[str, Any]:
     return {
         "position": {"epoch_index": pos, "step": step},
@@ -226,6 +236,7 @@ def _state(
         "sums": sums.state_dict(),
         "records": records,
         "elapsed": elapsed,
+        "epoch_seconds": epoch_seconds,  # time spent in the epoch stopped at ``step`` (0 at its start)
     }
 
 
@@ -238,19 +249,45 @@ def run_plan(
     config: LoopConfig | None = None,
     summary_keys: list[str] | None = None,
     dist: Dist | None = None,
+    label: str = "",
 ) -> PlanResult:
     """Run every epoch of the task's plan (from the saved position with ``resume``).
 
-    Per-epoch records go to metrics.jsonl; they hold figures only, no timings, so two runs
-    of a deterministic recipe write identical files. Under torchrun (``dist``) every rank
-    runs the loop and takes part in every collective; epoch means are over all ranks, and
-    rank 0 alone writes the train state (the saved sums are the global ones, so on resume
-    the other ranks start from zero).
+    Per-epoch records go to the run folder (metrics.jsonl, metrics.csv, the trackers) and a
+    line per epoch to the progress display and train.log. A record holds the epoch's figures
+    and its wall-clock ``seconds`` (``TIMING_KEYS``); without those, two runs of a
+    deterministic recipe write identical records (``without_timings``). ``label`` names the
+    plan on the progress display. Under torchrun (``dist``) every rank runs the loop and takes
+    part in every collective; epoch means are over all ranks, and rank 0 alone writes the
+    train state (the saved sums are the global ones, so on resume the other ranks start from
+    zero).
     """
-    config = config or LoopConfig()
+    sink, progress.sink = progress.sink, folder.log_line
+    try:
+        result = _run_plan(task, folder, progress, device, resume, config or LoopConfig(), summary_keys, dist, label)
+    except BaseException:
+        progress.close()
+        raise
+    finally:
+        progress.sink = sink
+    progress.end_plan()
+    return result
+
+
+def _run_plan(
+    task: Task,
+    folder: RunFolder,
+    progress: Progress,
+    device: torch.device,
+    resume: bool,
+    config: LoopConfig,
+    summary_keys: list[str] | None,
+    dist: Dist | None,
+    label: str,
+) -> PlanResult:
     plan = task.plan()
     records: list[dict[str, Any]] = []
-    start_epoch, start_step, prior = 0, 0, 0.0
+    start_epoch, start_step, prior, epoch_prior = 0, 0, 0.0, 0.0
     world = dist.world_size if dist is not None else 1
     is_main = dist is None or dist.is_main
     sums = MetricSums(dist)
@@ -263,18 +300,23 @@ def run_plan(
                 hint=f"resume with {saved_world} processes (the data order of an epoch depends on it)",
             )
         records, prior = _restore(state, task, sums if is_main else None, device, folder)
-        folder.truncate_metrics(len(records))
+        epoch_prior = _number(state.get("epoch_seconds")) if start_step > 0 else 0.0
+        folder.truncate_metrics(len(records), records)
         if start_epoch < len(plan):
             progress.line(f"resuming at epoch {start_epoch + 1}/{len(plan)}, step {start_step}")
         else:
             progress.line("resuming after the last epoch: finishing the run")
     began = time.perf_counter()
+    steps_of = [task.steps(ep) for ep in plan]
+    progress.begin_plan(sum(steps_of), sum(steps_of[:start_epoch]) + start_step, label)
+    tick = began
 
     def save(pos: int, step: int) -> None:
         total = sums.reduced() if sums.dist is not None else sums  # a collective under torchrun
         if is_main:
-            elapsed = prior + time.perf_counter() - began
-            state = _state(task, pos, step, total, records, elapsed)
+            now = time.perf_counter()
+            in_epoch = epoch_prior + now - tick if step > 0 else 0.0
+            state = _state(task, pos, step, total, records, prior + now - began, in_epoch)
             state["position"]["world_size"] = world
             save_train_state(folder.state_path, state)
         if dist is not None:
@@ -284,8 +326,8 @@ def run_plan(
     with StopRequest().installed() as stop:
         for ep in plan[start_epoch:]:
             n_steps = task.steps(ep)
-            task.begin_epoch(ep)
             tick = time.perf_counter()
+            task.begin_epoch(ep)
             progress.start(f"{_label(ep)} {ep.index + 1}/{len(plan)}", n_steps - start_step)
             step = start_step
             try:
@@ -309,15 +351,22 @@ def run_plan(
             if dist is not None:
                 dist.sync_buffers()  # every rank validates rank 0's model
             record = _close_epoch(task, ep, sums)
+            record["seconds"] = round(epoch_prior + time.perf_counter() - tick, 3)
             records.append(record)
             folder.log(record)
-            line = format_record(record, summary_keys or list(record))
-            progress.line(f"{line} ({time.perf_counter() - tick:.1f}s)")
-            sums, start_step = MetricSums(dist), 0
+            line = format_record(record, [k for k in summary_keys or list(record) if k not in TIMING_KEYS])
+            eta = progress.eta_text()
+            progress.line(f"{line} ({record['seconds']:.1f}s{', ' + eta if eta else ''})")
+            sums, start_step, epoch_prior = MetricSums(dist), 0, 0.0
             save(ep.index + 1, 0)
             if _agreed_stop(stop, dist, 0) and ep.index + 1 < len(plan):
                 raise _interrupted(stop.signum, folder)
     return PlanResult(records, prior + time.perf_counter() - began)
+
+
+def _number(value: Any) -> float:
+    """A saved time (0 when missing or not a number: a train state of an earlier version)."""
+    return float(value) if type(value) in (int, float) and math.isfinite(value) and value >= 0 else 0.0
 
 
 def _damaged(folder: RunFolder, why: str) -> CheckpointError:

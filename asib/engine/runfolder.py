@@ -1,4 +1,5 @@
-"""A run folder: recipe.yaml, metrics.jsonl, summary.json, checkpoints and the train state."""
+"""A run folder: recipe.yaml, metrics.jsonl (+ metrics.csv and the trackers' files), train.log,
+summary.json, checkpoints and the train state."""
 
 from __future__ import annotations
 
@@ -6,15 +7,19 @@ import contextlib
 import json
 import os
 import stat
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from asib.engine.io import TEMP_PATTERN, append_jsonl, atomic_write_json, atomic_write_text
+from asib.engine.tracking import CSV_FILE, WANDB_ID_FILE, CSVTracker, Tracker, open_trackers
 from asib.errors import RunError, write_error
 from asib.recipe import canonical_recipe
 
 STATE_FILE = "train_state.safetensors"
 LOCK_FILE = ".lock"
+LOG_FILE = "train.log"
 
 # What ``check`` found: a new run, a run to go on with, a run to begin again (--resume with
 # no train state), or a finished run (--resume after the end: nothing to do).
@@ -26,13 +31,20 @@ class RunFolder:
 
     def __init__(self, path: str | Path, artifacts: tuple[str, ...]) -> None:
         self.path = Path(path)
-        self.artifacts = ("recipe.yaml", "metrics.jsonl", "summary.json", STATE_FILE, *artifacts)
+        self.artifacts = ("recipe.yaml", "metrics.jsonl", "summary.json", STATE_FILE, LOG_FILE, CSV_FILE,
+                          WANDB_ID_FILE, *artifacts)
         self.writer = True  # False on torchrun ranks other than 0: they read, never write or lock
         self._lock_fd: int | None = None
+        self._csv: CSVTracker | None = None  # metrics.csv, from ``start`` on
+        self.trackers: list[Tracker] = []  # TensorBoard, wandb: ``open_tracking``
 
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG_FILE
 
     @property
     def state_path(self) -> Path:
@@ -160,7 +172,8 @@ class RunFolder:
         return fd
 
     def release(self) -> None:
-        """Remove ``.lock`` (while still holding it) and let go of it; safe to call twice."""
+        """Close the trackers, remove ``.lock`` (while still holding it) and let go of it; safe to call twice."""
+        self.close_tracking()
         fd, self._lock_fd = self._lock_fd, None
         if fd is None:
             return
@@ -196,6 +209,9 @@ class RunFolder:
             atomic_write_text(self.path / "recipe.yaml", recipe_yaml)
             if not resume:
                 atomic_write_text(self.metrics_path, "")
+            self._csv = CSVTracker(self.path / CSV_FILE)
+            if not resume:  # a resumed run says where it resumes once its train state has loaded
+                self.log_line(f"run started (pid {os.getpid()})")
         except OSError as exc:
             self.release()
             raise write_error(exc.filename or self.path, exc) from None
@@ -204,17 +220,59 @@ class RunFolder:
             raise
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.writer:
-            append_jsonl(self.metrics_path, record)
+        """One epoch record: a line of metrics.jsonl, a row of metrics.csv, and to every tracker."""
+        if not self.writer:
+            return
+        append_jsonl(self.metrics_path, record)
+        if self._csv is not None:
+            self._csv.log(record)
+        for tracker in self.trackers:
+            tracker.log(record)
 
-    def truncate_metrics(self, n_records: int) -> None:
-        """On resume, keep the records the train state knows of (a crash may have written more)."""
+    def log_line(self, text: str) -> None:
+        """Append what the run printed (an epoch line, a note, the final table) to train.log,
+        each line after its local time; needs the folder started (it writes under the lock)."""
+        if not self.writer or self._lock_fd is None:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        data = "".join(f"{stamp}  {line}\n" for line in text.splitlines() or [""]).encode("utf-8", "replace")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.log_path, flags, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise write_error(self.log_path, exc) from None
+
+    def open_tracking(
+        self, names: Iterable[str], *, resume: bool, name: str, config: dict[str, Any],
+        note: Callable[[str], None] | None = None,
+    ) -> None:
+        """Start the recipe's trackers (TensorBoard, wandb) in this folder; ``log`` feeds them."""
+        if self.writer:
+            self.trackers = open_trackers(names, self.path, resume=resume, name=name, config=config, note=note)
+
+    def close_tracking(self) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()
+
+    def truncate_metrics(self, n_records: int, records: list[dict[str, Any]] | None = None) -> None:
+        """On resume, keep the records the train state knows of (a crash may have written more);
+        ``records`` (those records) rebuild metrics.csv to match."""
         if not self.writer:
             return
         lines = []
         if self.metrics_path.is_file():
             lines = self.metrics_path.read_bytes().decode("utf-8", errors="replace").splitlines()
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in lines[:n_records]))
+        if records is not None:
+            self._csv = CSVTracker(self.path / CSV_FILE, records)
+            self._csv.write()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.writer:
@@ -223,6 +281,7 @@ class RunFolder:
     def finish(self) -> None:
         """A finished run needs no train state, and holds its folder no longer."""
         if self.writer:
+            self.close_tracking()
             try:
                 self.state_path.unlink(missing_ok=True)
             except OSError as exc:

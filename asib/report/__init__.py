@@ -1,14 +1,17 @@
 """Reports of finished runs: PNG plots from metrics.jsonl and a markdown table from summary.json.
 
 One run (a distill folder, or a finetune-teacher folder ``runs/<name>/teachers/<t>``) gets
-its curves: accuracy per epoch, every loss term with the A-step and B-step epochs shaded,
-the schedules (IB beta, temperature, loss weights, learning rates) and the attention each
-teacher receives. Several runs also get one overlaid accuracy plot and a comparison table
-in which runs that differ only by ``seed`` (or share a recipe name, with
-``group_by="name"``) are one row: mean and sample standard deviation over the seeds.
+its curves: accuracy per epoch (the kept epoch marked, a zoom on the final figures), every
+loss term of each phase on its own panel with the validation loss, the schedules that change
+(IB beta, temperature, loss weights, learning rates; constants in a footnote) and the
+attention each teacher receives. Several runs also get one accuracy comparison (distill runs
+per student epoch, fine-tuning runs per epoch, on separate panels) and a comparison table in
+which runs that differ only by ``seed`` (or share a recipe name, with ``group_by="name"``)
+are one row: mean and sample standard deviation over the seeds.
 
 matplotlib is imported only when plotting (``pip install 'asib[report]'``) and draws with
 the Agg backend on ``matplotlib.figure.Figure`` objects, never through pyplot's global state.
+Plots are PNG, or SVG / PDF (vector, for papers) with ``fmt``.
 
 Modules: ``runs`` (reading run folders, grouping, stats), ``tables`` (markdown and JSON),
 ``plots`` (the figures); this one puts them together in ``make_report``.
@@ -23,6 +26,8 @@ from pathlib import Path
 from asib.engine.io import atomic_write_json, atomic_write_text
 from asib.errors import AsibError, RunError
 from asib.report.plots import (
+    FORMATS,
+    best_epoch,
     loss_keys,
     plot_accuracy,
     plot_attention,
@@ -30,15 +35,19 @@ from asib.report.plots import (
     plot_losses,
     plot_run,
     plot_schedules,
+    run_name,
+    student_epochs,
 )
 from asib.report.runs import Group, Run, Stat, group_runs, read_run, run_labels
 from asib.report.tables import markdown_tables, report_json
 
 __all__ = [
+    "FORMATS",
     "Group",
     "Report",
     "Run",
     "Stat",
+    "best_epoch",
     "group_runs",
     "loss_keys",
     "make_report",
@@ -51,6 +60,8 @@ __all__ = [
     "plot_schedules",
     "read_run",
     "report_json",
+    "run_name",
+    "student_epochs",
 ]
 
 
@@ -66,12 +77,16 @@ class Report:
 
 
 def make_report(
-    run_dirs: Sequence[str | Path], out_dir: str | Path, group_by: str = "recipe", plots: bool = True
+    run_dirs: Sequence[str | Path], out_dir: str | Path, group_by: str = "recipe", plots: bool = True,
+    fmt: str = "png",
 ) -> Report:
     """Plots of every run, the comparison table (``report.md``, ``report.json``) and, for several runs,
-    the overlaid accuracy plot, all under ``out_dir``. ``plots=False`` writes the table only."""
+    the accuracy comparison, all under ``out_dir``. ``plots=False`` writes the table only; ``fmt``
+    is the plots' format: png, svg or pdf."""
     if not run_dirs:
         raise AsibError("give at least one run folder")
+    if fmt not in FORMATS:
+        raise AsibError(f"plot format: expected one of {', '.join(FORMATS)} (given: {fmt!r})")
     unique: dict[Path, Path] = {}
     for p in run_dirs:
         unique.setdefault(Path(p).resolve(), Path(p))
@@ -87,9 +102,9 @@ def make_report(
     groups = group_runs(runs, group_by)
     files: list[Path] = []
     for run in runs if plots else []:
-        files += plot_run(run, out_dir / run.label)
+        files += plot_run(run, out_dir / run.label, fmt)
     if plots and len(runs) > 1:
-        files.append(plot_comparison(groups, out_dir / "accuracy_compare.png"))
+        files.append(plot_comparison(groups, out_dir / f"accuracy_compare.{fmt}"))
     table = markdown_tables(groups)
     title = "# asib report\n\n" + "".join(f"- `{r.path}`\n" for r in runs) + "\n"
     files.append(atomic_write_text(out_dir / "report.md", title + table))
