@@ -48,6 +48,13 @@ def numbers(tree: object, path: str = "") -> dict[str, float]:
     return {path: float(tree)}
 
 
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The teachers' inference plans are cached here, not in the user's cache folder."""
+    monkeypatch.setenv("ASIB_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def test_bench_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
@@ -71,6 +78,17 @@ def test_bench_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixtur
         for side in ("engine", "bare"):
             assert set(step[side]) == {"images_per_s", "ms_per_step", "peak_mib"}, (name, side)
         assert step["ratio"] > 0
+    # Which precision and layout each frozen teacher ran in, and what the bare twins ran theirs in.
+    inference = setting["inference"]
+    assert set(inference) == {"t1", "t2"}
+    for plan in inference.values():
+        assert plan["dtype"] in ("float32", "bfloat16") and isinstance(plan["channels_last"], bool)
+        assert plan["chosen_by"] == "measurement" and plan["ms"] and all(v > 0 for v in plan["ms"].values())
+    assert figures["steps"]["finetune"]["bare_teachers"] is None  # no frozen teacher there
+    for name in STEPS[1:]:
+        step = figures["steps"][name]
+        assert step["bare_teachers"] in setting["precision"]["bare_teachers"], name
+        assert set(step["bare_by_teacher_precision"]) == set(setting["precision"]["bare_teachers"]), name
     assert set(figures["breakdown"]) == {"finetune", "asib A-step", "asib B-step"}
     parts = figures["breakdown"]["asib B-step"]
     for part in ("data", "teacher t1 forward", "teacher t2 forward", "student forward+backward",
@@ -89,6 +107,8 @@ def test_bench_reports_every_figure(tmp_path: Path, capsys: pytest.CaptureFixtur
     print_tables(figures)  # the table view of the same figures
     table = capsys.readouterr().out
     for text in ("1. data pipeline", "engine/bare", "asib B-step", "sum of parts", "teacher t2: fresh vgg8",
+                 f"runs {inference['t1']['dtype'].replace('float32', 'fp32').replace('bfloat16', 'bf16')}",
+                 "bare twins' teachers",
                  "4. one training step of each method", "ca_mkd"):
         assert text in table, text
 
@@ -100,3 +120,25 @@ def test_bench_user_errors(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "prepare-data" in r.output  # no prepared data and no --synthetic
     r = runner.invoke(app, ["bench", str(recipe), "--device", "tpu"])
     assert r.exit_code == 2 and "--device" in r.output
+
+
+def test_bare_twins_per_teacher_precision_keep_the_fastest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where bf16 may be chosen (here: pretended), every distill step has a bare twin with fp32
+    teachers and one with bf16 teachers, and its engine/bare ratio is taken against the faster."""
+    from asib.bench import BenchConfig, MemoryMeter, build_setting, compare_steps
+    from asib.engine import inference
+    from asib.recipe import recipe_from_dict
+
+    monkeypatch.setattr(inference, "bf16_supported", lambda: True)
+    recipe = recipe_from_dict(tiny_recipe(tmp_path))
+    cfg = BenchConfig(steps=1, warmup=1, repeats=3, synthetic=16)
+    setting = build_setting(recipe, cfg)
+    assert set(setting.inference["t1"]["ms"]) == {"fp32 channels_last", "bf16 channels_last", "bf16 nchw",
+                                                  "fp32 nchw"}
+    steps = {c.name: c for c in compare_steps(setting, cfg, MemoryMeter(setting.runtime.device), lambda _m: None)}
+    assert steps["finetune"].bare_teachers is None and not steps["finetune"].bare_all
+    for name in STEPS[1:]:
+        c = steps[name]
+        assert set(c.bare_all) == {"fp32", "bf16"}, name
+        fastest = min(c.bare_all, key=lambda k: c.bare_all[k].seconds)
+        assert c.bare_teachers == fastest and c.bare is c.bare_all[fastest], name

@@ -5,10 +5,13 @@ On the recipe's models and data (or synthetic images of the same shape), in one 
 1. data: the in-memory loader (recipe augmentation) vs a torchvision ``DataLoader`` with
    PIL transforms over the same images, with 0 and 2 workers;
 2. steps: ``CETask.step`` (first teacher), the ASIB A-step and B-step and a ``kd`` step,
-   each with the loop's per-step metric accumulation, vs a bare loop (``bare.py``) doing the
-   same forward, losses, backward and optimizer step with plain torch ops, on copies of the
-   same models, the same batches, precision and memory format (and ``torch.compile`` when
-   the recipe asks for it);
+   each with the loop's per-step metric accumulation, vs the fastest bare loop (``bare.py``)
+   doing the same forward, losses, backward and optimizer step with plain torch ops, on
+   copies of the same models, the same batches, training precision and memory format (and
+   ``torch.compile`` when the recipe asks for it). The engine's frozen teachers run as
+   ``asib distill`` runs them, each in the precision and layout measured for it
+   (``asib.engine.inference``); the bare loop has a twin per precision its frozen teachers
+   may run in (fp32, and bf16 where the device has it), all timed, the fastest kept;
 3. breakdown: data, every teacher's forward, student forward(+backward), fusion modules and
    optimizer, each timed on its own;
 4. compile (``compile: true``): the engine compiled vs eager, and the compile seconds;
@@ -41,8 +44,9 @@ import torch
 from asib.bench.breakdown import breakdown
 from asib.bench.data import compare_data
 from asib.bench.setting import Setting, build_setting, take_batches
-from asib.bench.steps import Comparison, compare_steps, method_steps, noop
+from asib.bench.steps import Comparison, bare_teacher_dtypes, compare_steps, method_steps, noop
 from asib.bench.timing import BenchConfig, MemoryMeter, Timing, measure, paired_ratio
+from asib.engine.runtime import DTYPE_NAMES
 from asib.recipe import Recipe
 
 __all__ = [
@@ -100,7 +104,7 @@ def run_bench(recipe: Recipe, cfg: BenchConfig, say: Callable[[str], None] | Non
 
 
 def _run_bench(recipe: Recipe, cfg: BenchConfig, say: Callable[[str], None]) -> BenchReport:
-    setting = build_setting(recipe, cfg)
+    setting = build_setting(recipe, cfg, say)
     runtime = setting.runtime
     if cfg.steps is None:
         cfg = dataclasses.replace(cfg, steps=10 if runtime.device.type == "cuda" else 4)
@@ -128,11 +132,13 @@ def _run_bench(recipe: Recipe, cfg: BenchConfig, say: Callable[[str], None]) -> 
         "student": f"fresh {recipe.student.arch}" if recipe.student else None,
         "precision": {
             "train": str(runtime.amp_dtype).replace("torch.", "") + " autocast" if runtime.amp_dtype else "fp32",
-            "teachers": str(runtime.inference_dtype).replace("torch.", "") + " autocast"
-            if runtime.inference_dtype else "as train",
+            "teachers": "as measured for each" if any(r["chosen_by"] == "measurement" for r in setting.inference.values())
+            else runtime.fixed_plan().label,
+            "bare_teachers": [DTYPE_NAMES.get(d, str(d)) for d in bare_teacher_dtypes(runtime)],
             "channels_last": runtime.channels_last,
             "compile": runtime.compile,
         },
+        "inference": setting.inference,
         "memory": meter.method,
         "steps": cfg.steps,
         "warmup": cfg.warmup,

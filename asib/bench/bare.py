@@ -1,6 +1,8 @@
 """Bare PyTorch, the reference: for each engine step, the loop a user would write by hand with
 plain torch ops (forward, losses, backward, optimizer step) on the same models, batches,
-precision and memory format."""
+training precision and memory format. Its frozen teachers run in one precision for all, in the
+batch's layout: the bench builds a twin per precision it may try (fp32, and bf16 where the
+device has it) and keeps the faster (``asib.bench.steps``)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from torch import nn
 from asib.bench.timing import Step
 from asib.data import Batch
 from asib.engine.loop import EpochPlan
-from asib.engine.runtime import Runtime
+from asib.engine.runtime import Runtime, precision_autocast
 from asib.engine.schedules import get_tau, ramp
 from asib.methods.asib import cccp_ramp, get_beta
 from asib.recipe import DistillSpec, OptimSpec, Recipe
@@ -37,18 +39,19 @@ def bare_ce(logits: torch.Tensor, batch: Batch, smoothing: float) -> torch.Tenso
 
 
 class Bare:
-    """Contexts and compiled forwards of the bare loops, mirroring the runtime by hand."""
+    """Contexts and compiled forwards of the bare loops, mirroring the runtime by hand; the
+    frozen teachers' forwards autocast to ``teacher_dtype`` (default: the runtime's fixed plan)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.device, self.amp, self.teacher_dtype = runtime.device, runtime.amp_dtype, runtime.inference_dtype
+    def __init__(self, runtime: Runtime, teacher_dtype: torch.dtype | None = None) -> None:
+        self.device, self.amp = runtime.device, runtime.amp_dtype
+        self.teacher_dtype = teacher_dtype or runtime.fixed_plan().dtype
         self.compile = runtime.compile
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
-    def teacher_autocast(self) -> torch.autocast:
-        dtype = self.teacher_dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+    def teacher_autocast(self) -> Any:
+        return precision_autocast(self.teacher_dtype, self.device)
 
     def features(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return torch.compile(model.features) if self.compile else model.features

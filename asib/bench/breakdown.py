@@ -4,7 +4,6 @@ fusion modules and the optimizer, each timed on its own (ms per batch)."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from asib.bench.setting import Setting, endless, model_copies, take_batches
 from asib.bench.steps import distill_task, last_epoch
 from asib.bench.timing import BenchConfig, MemoryMeter, Step, Timing, measure
 from asib.data import Batch, InMemoryLoader
-from asib.engine.runtime import Runtime, inference_autocast
+from asib.engine.runtime import Runtime, as_layout, precision_autocast
 from asib.methods.asib import ASIB
 from asib.methods.base import frozen_outputs
 
@@ -55,9 +54,9 @@ def breakdown(setting: Setting, cfg: BenchConfig, meter: MemoryMeter) -> dict[st
             if phase == "A" and any(p.requires_grad for p in t.parameters()):
                 parts[f"teacher {spec_t.name} forward+backward (unfrozen blocks)"] = _teacher_train(t, runtime)
                 continue
-            parts[f"teacher {spec_t.name} forward"] = _teacher_fwd(t, runtime, runtime.inference_dtype)
-            if runtime.inference_dtype is not None:
-                parts[f"teacher {spec_t.name} forward, fp32 (reference)"] = _teacher_fwd(t, runtime, None)
+            parts[f"teacher {spec_t.name} forward"] = _teacher_fwd(t, runtime)
+            if runtime.plan_of(t).dtype != torch.float32:
+                parts[f"teacher {spec_t.name} forward, fp32 (reference)"] = _teacher_fp32(t, runtime)
         if phase == "A":
             parts["student forward (no grad)"] = _student_fwd(d.student, runtime)
             parts["fusion forward+backward"] = _fusion_a(d, h_s, feats, runtime)
@@ -100,12 +99,23 @@ def _opt_step(opt: torch.optim.Optimizer, sched: Any = None) -> Step:
     return step
 
 
-def _teacher_fwd(teacher: nn.Module, runtime: Runtime, dtype: torch.dtype | None) -> Step:
-    rt = dataclasses.replace(runtime, inference_dtype=dtype)
+def _teacher_fwd(teacher: nn.Module, runtime: Runtime) -> Step:
+    """A frozen teacher's forward as the engine runs it (its inference plan: precision, layout)."""
 
     def step(batch: Batch) -> None:
-        with torch.inference_mode(), runtime.autocast(), rt.inference_precision(), inference_autocast(rt.device):
-            teacher.head(teacher.features(batch.x))
+        with torch.inference_mode(), runtime.autocast(), runtime.inference_precision():
+            frozen_outputs([teacher], batch.x)
+
+    return step
+
+
+def _teacher_fp32(teacher: nn.Module, runtime: Runtime) -> Step:
+    """The same forward in fp32, in the teacher's layout: what a reduced precision is measured against."""
+    channels_last = runtime.plan_of(teacher).channels_last
+
+    def step(batch: Batch) -> None:
+        with torch.inference_mode(), precision_autocast(torch.float32, runtime.device):
+            teacher.head(teacher.features(as_layout(batch.x, channels_last)))
 
     return step
 

@@ -1,13 +1,14 @@
-"""What every measurement shares: the runtime, the images (prepared or synthetic) and the
-models (teachers from their checkpoints when these fit, else fresh), and batches taken from
-the in-memory loader before any timing."""
+"""What every measurement shares: the runtime, the images (prepared or synthetic), the
+models (teachers from their checkpoints when these fit, else fresh) with each teacher's
+inference precision and layout chosen as ``asib distill`` chooses them (measured or cached),
+and batches taken from the in-memory loader before any timing."""
 
 from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from asib.bench.timing import BenchConfig
 from asib.data import Batch, DatasetInfo, InMemoryLoader, load_info, load_split
 from asib.engine.checkpoint import load_model, read_info
+from asib.engine.inference import plan_inference
 from asib.engine.loaders import SplitLoaders
 from asib.engine.runtime import Runtime, make_runtime, set_random_seed
 from asib.errors import DataError
@@ -39,6 +41,7 @@ class Setting:
     teachers: list[nn.Module]  # on the device, never trained by the bench (copied per use)
     teacher_sources: list[str]
     student: nn.Module | None
+    inference: dict[str, dict[str, Any]] = field(default_factory=dict)  # per teacher: its plan's record
 
     def loader(self, batch_size: int, augment: AugmentSpec | None) -> InMemoryLoader:
         if self.images.shape[0] < batch_size:
@@ -54,9 +57,10 @@ class Setting:
         return SplitLoaders(self.info, loader, None, loader)  # type: ignore[arg-type]
 
 
-def build_setting(recipe: Recipe, cfg: BenchConfig) -> Setting:
+def build_setting(recipe: Recipe, cfg: BenchConfig, say: Callable[[str], None] | None = None) -> Setting:
     """Runtime, images (prepared or synthetic) and models: teachers from their checkpoints when
-    these exist and fit, else freshly built from their arch (no download)."""
+    these exist and fit, else freshly built from their arch (no download); with a student, each
+    teacher's inference plan on a batch of the distill step (``plan_inference``, lines to ``say``)."""
     runtime = make_runtime(cfg.device or recipe.device, recipe.deterministic, recipe.compile, recipe.precision)
     set_random_seed(recipe.seed)
     info = load_info(recipe.data_dir) if (recipe.data_dir / "dataset.json").is_file() or cfg.synthetic is None else None
@@ -78,8 +82,13 @@ def build_setting(recipe: Recipe, cfg: BenchConfig) -> Setting:
         teachers.append(model.eval())
         sources.append(origin)
     student = _fresh(recipe.student, num_classes, runtime) if recipe.student is not None else None
-    return Setting(recipe, runtime, info, images, labels, tuple(mean), tuple(std), num_classes, source,
-                   teachers, sources, student)
+    setting = Setting(recipe, runtime, info, images, labels, tuple(mean), tuple(std), num_classes, source,
+                      teachers, sources, student)
+    if student is not None and teachers:
+        example = take_batches(setting.loader(recipe.distill.batch_size, recipe.distill.augment), 1)[0].x
+        names = [t.name for t in recipe.teachers]
+        setting.inference = plan_inference(runtime, dict(zip(names, teachers, strict=True)), example, say)
+    return setting
 
 
 def _fresh(spec: ModelSpec, num_classes: int, runtime: Runtime) -> nn.Module:

@@ -42,8 +42,6 @@ def bench(
 ) -> None:
     """Images/s and peak memory of data loading, fine-tuning, A-step, B-step and kd steps (engine vs bare
     loops), where a step's time goes, and one step of every method.
-
-    Example: asib bench recipes/fashion_mnist.yaml --max-overhead 1.05
     """
     r = load(recipe, set_)
     from asib.bench import BenchConfig, run_bench
@@ -84,13 +82,18 @@ def print_tables(f: dict[str, Any]) -> None:
         f"data: {shown(s['data'])}; batch {s['batch_size']['distill']} (fine-tuning {s['batch_size']['finetune']})"
     )
     console.print(
-        f"precision: train {p['train']}, teachers {p['teachers']}, channels_last {p['channels_last']}, "
+        f"precision: train {p['train']}, frozen teachers {p['teachers']}, bare twins' teachers "
+        f"{' and '.join(p['bare_teachers'])} (the fastest kept), channels_last {p['channels_last']}, "
         f"compile {p['compile']}; memory: {s['memory']}; {s['steps']} steps x {s['repeats']} interleaved repeats "
         f"after {s['warmup']} warm-up, medians",
         markup=False,
     )
     for name, source in s["teachers"].items():
-        console.print(f"teacher {name}: {source}", markup=False)
+        plan = s["inference"].get(name)
+        runs = f"; runs {_plan_text(plan)}" if plan else ""
+        console.print(f"teacher {name}: {source}{runs}", markup=False)
+    for note in dict.fromkeys(plan["note"] for plan in s["inference"].values() if plan.get("note")):
+        console.print(f"  ({note})", markup=False)
     if s["student"]:
         console.print(f"student: {s['student']}", markup=False)
 
@@ -107,7 +110,7 @@ def print_tables(f: dict[str, Any]) -> None:
     console.print(data)
 
     steps = Table(title="2. training steps: engine vs bare PyTorch (same models, batches, precision)")
-    cols = ["step", "engine img/s", "bare img/s", "engine/bare", "engine MiB", "bare MiB"]
+    cols = ["step", "engine img/s", "bare img/s", "engine/bare", "engine MiB", "bare MiB", "bare teachers"]
     compiled = any("compile" in c for c in f["steps"].values())
     if compiled:
         cols += ["eager img/s", "compile speedup", "compile s"]
@@ -115,7 +118,7 @@ def print_tables(f: dict[str, Any]) -> None:
         steps.add_column(col, justify="left" if col == "step" else "right")
     for name, c in f["steps"].items():
         row = [name, f"{c['engine']['images_per_s']:,.1f}", f"{c['bare']['images_per_s']:,.1f}", f"{c['ratio']:.3f}",
-               f"{c['engine']['peak_mib']:.1f}", f"{c['bare']['peak_mib']:.1f}"]
+               f"{c['engine']['peak_mib']:.1f}", f"{c['bare']['peak_mib']:.1f}", c["bare_teachers"] or "-"]
         if compiled:
             k = c["compile"]
             row += [f"{k['eager']['images_per_s']:,.1f}", f"{k['speedup']:.2f}x", f"{k['compile_s']:.1f}"]
@@ -124,6 +127,9 @@ def print_tables(f: dict[str, Any]) -> None:
     for name, c in f["steps"].items():
         syncs = "" if c["syncs_per_step"] is None else f" ({c['syncs_per_step']} host-device syncs per engine step)"
         console.print(f"  {name}: {c['what']}{syncs}", markup=False)
+        if len(c["bare_by_teacher_precision"]) > 1:
+            timed = ", ".join(f"{k} teachers {v['images_per_s']:,.1f} img/s" for k, v in c["bare_by_teacher_precision"].items())
+            console.print(f"    bare twins: {timed}; kept: {c['bare_teachers']}", markup=False)
     if f["max_ratio"] is not None:
         console.print(f"largest engine/bare ratio: {f['max_ratio']:.3f}")
 
@@ -150,6 +156,17 @@ def print_tables(f: dict[str, Any]) -> None:
         for name, fig in f["methods"].items():
             methods.add_row(name, f"{fig['images_per_s']:,.1f}", f"{fig['ms_per_step']:.1f}", f"{fig['peak_mib']:.1f}")
         console.print(methods)
+
+
+def _plan_text(plan: dict[str, Any]) -> str:
+    """A teacher's inference plan in words: precision, layout, and the figures that chose them."""
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(plan["dtype"], plan["dtype"])
+    text = f"{dtype} {'channels_last' if plan['channels_last'] else 'nchw'}"
+    if not plan["ms"]:
+        return f"{text} ({plan['chosen_by']})"
+    figures = ", ".join(f"{k} {v:.1f}" for k, v in sorted(plan["ms"].items(), key=lambda kv: kv[1]))
+    how = "cached measurement" if plan["cached"] else "measured"
+    return f"{text} ({how}, ms per batch: {figures})"
 
 
 def _ms(value: float | None) -> str:

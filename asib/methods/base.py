@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from asib.engine.runtime import Runtime, inference_autocast
+from asib.engine.runtime import Runtime, as_layout, inference_plan, precision_autocast
 from asib.engine.schedules import get_tau, ramp
 from asib.methods.losses import standardize_logits, teacher_average
 from asib.recipe import DistillSpec, OptimSpec
@@ -161,18 +161,31 @@ class DistillMethod(nn.Module):
 
 
 def frozen_outputs(models: Sequence[nn.Module], x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """Pooled features and logits of frozen models: no autograd, the step's inference precision.
+    """Pooled features and logits of frozen models: no autograd, each in the precision and
+    layout its inference plan chose (``Runtime.plan_of``; outside a step, as they are).
 
     Inside a step that records gradients (a fusion module learns from the features) they run
-    under ``no_grad``; otherwise under ``inference_mode``, which is cheaper.
+    under ``no_grad``; otherwise under ``inference_mode``, which is cheaper. A model whose
+    layout differs from the batch's gets the batch converted once per call (shared by the
+    models of that layout); the measurement that chose the layout timed that conversion too.
     """
     feats, logits = [], []
+    inputs: dict[bool, Tensor] = {}
     guard = torch.no_grad() if torch.is_grad_enabled() else torch.inference_mode()
-    with guard, inference_autocast(x.device):
+    with guard:
         for model in models:
-            h = model.features(x)
-            feats.append(h)
-            logits.append(model.head(h))
+            plan = inference_plan(model)
+            if plan is None:
+                h = model.features(x)
+                feats.append(h)
+                logits.append(model.head(h))
+                continue
+            if plan.channels_last not in inputs:
+                inputs[plan.channels_last] = as_layout(x, plan.channels_last)
+            with precision_autocast(plan.dtype, x.device):
+                h = model.features(inputs[plan.channels_last])
+                feats.append(h)
+                logits.append(model.head(h))
     return feats, logits
 
 

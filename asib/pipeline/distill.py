@@ -23,16 +23,19 @@ from torch import nn
 from asib.data import Batch
 from asib.engine.checkpoint import checkpoint_extras, load_model, read_info, save_model
 from asib.engine.distributed import convert_sync_bn, init_distributed, route
+from asib.engine.inference import plan_inference
 from asib.engine.loaders import SplitLoaders, split_loaders
 from asib.engine.loop import EpochPlan, LoopConfig, run_plan
-from asib.engine.metrics import evaluate_predictor, top1_of
+from asib.engine.metrics import evaluate_predictor
 from asib.engine.optim import build_optimizer, build_scheduler
 from asib.engine.progress import Progress
 from asib.engine.runfolder import RunFolder
 from asib.engine.runtime import Runtime, make_runtime, seeded, set_random_seed
+from asib.engine.tracking import check_tracking, environment
 from asib.errors import CheckpointError, RecipeError, clip
 from asib.methods import Artifacts, DistillMethod, RunContext, build_method, method_class
 from asib.models import apply_freeze_level, model_from_spec, setup_partial_freeze_schedule
+from asib.pipeline.finetune import count_parameters, tell, val_figures
 from asib.recipe import Recipe
 
 # Data streams of the train loader (see InMemoryLoader.batches).
@@ -53,15 +56,46 @@ class DistillResult:
     finished_before: bool = False  # --resume found the run finished: nothing ran (figures: ``summary``)
 
     def table_lines(self) -> list[str]:
-        rows = [(f"teacher {n}", acc) for n, acc in zip(self.teacher_names, self.teacher_test_top1, strict=True)]
+        """The final table: per model its size and top-1 on val and test, then the best epoch and
+        the student's gain over the teachers' average logits."""
+        s = self.summary
+        archs, params = s.get("teacher_archs") or [], s.get("teacher_params") or []
+        val = s.get("teacher_val_top1") or []
+        rows: list[tuple[str, str, str, str, str]] = []
+        for i, (name, test) in enumerate(zip(self.teacher_names, self.teacher_test_top1, strict=True)):
+            rows.append((f"teacher {name}", _at(archs, i), _count(_at(params, i)), _pct(_at(val, i)), _pct(test)))
+        if s.get("teacher_average_test_top1") is not None:
+            rows.append(("teacher average (logits)", "", "", "", _pct(s["teacher_average_test_top1"])))
         if self.synergy_test_top1 is not None:
-            rows.append(("synergy (fused teachers)", self.synergy_test_top1))
-        rows.append((f"student ({self.method})", self.student_test_top1))
-        width = max(len(r[0]) for r in rows)
-        lines = [f"{'model'.ljust(width)}  test top-1"]
-        lines += [f"{name.ljust(width)}  {acc:9.2f}" for name, acc in rows]
+            rows.append(("synergy (fused teachers)", "", "", "", _pct(self.synergy_test_top1)))
+        rows.append((f"student ({self.method})", str(s.get("student_arch", "")), _count(s.get("student_params")),
+                     _pct(self.student_val_top1), _pct(self.student_test_top1)))
+        head = ("model", "arch", "params", "val top-1", "test top-1")
+        widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+        lines = ["  ".join(cell.ljust(w) if c < 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths,
+                 strict=True))).rstrip() for row in [head, *rows]]
+        if s.get("best_epoch"):
+            lines.append(f"student kept: epoch {s['best_epoch']} of {s.get('epochs', '?')} (best val top-1)")
+        gain = s.get("student_gain_over_teacher_average")
+        if gain is not None:
+            lines.append(f"student - teacher average: {gain:+.2f} points test top-1")
         lines.append(f"run folder: {self.run_dir} ({self.seconds:.1f}s)")
         return lines
+
+
+def _at(values: list[Any], i: int) -> Any:
+    return values[i] if i < len(values) else None
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _count(n: Any) -> str:
+    """A parameter count: 78.2k, 11.17M."""
+    if not isinstance(n, int):
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1_000_000 else f"{n / 1e3:.1f}k" if n >= 1000 else str(n)
 
 
 # ------------------------------------------------------------------ models
@@ -224,9 +258,11 @@ class DistillTask:
         student = self.m.student
         was_training = student.training
         student.eval()
-        acc = round(top1_of(self._predict_student, val.batches(0)), 4)
+        acc, loss = val_figures(self._predict_student, val.batches(0))
+        acc = round(acc, 4)
         student.train(was_training)
         out["student_val_top1"] = acc
+        out["student_val_loss"] = round(loss, 6)
         if self.best_val is None or acc > self.best_val:
             self.best_val, self.best_epoch = acc, ep.index + 1
             self.save_best(ep.index + 1)
@@ -274,9 +310,24 @@ def distill(
     a run without a train state starts from the beginning and a finished run is left as it
     is (``finished_before``); ``notice`` (default: the progress lines) hears which.
     """
+    progress = progress or Progress()
+    try:
+        return _distill(recipe, force, resume, progress, loop, run_dir, notice)
+    finally:
+        progress.close()  # the live display is down before the command prints its table
+
+
+def _distill(
+    recipe: Recipe,
+    force: bool,
+    resume: bool,
+    progress: Progress,
+    loop: LoopConfig | None,
+    run_dir: str | Path | None,
+    notice: Callable[[str], None] | None,
+) -> DistillResult:
     from asib.data import load_info
 
-    progress = progress or Progress()
     spec = recipe.distill
     check_distill_recipe(recipe)
     assert recipe.student is not None
@@ -289,21 +340,32 @@ def distill(
         nan = float("nan")
         return DistillResult(folder.path, spec.method, [], [], None, None, nan, nan, summary,
                              finished_before=True)
+    started = None
     if status == "restart":
-        (notice or progress.line)(f"{folder.path}: no train state to resume; starting the run from the beginning")
+        started = f"{folder.path}: no train state to resume; starting the run from the beginning"
+        (notice or progress.line)(started)
     force, resume = force or status == "restart", status == "resume"
+    check_tracking(recipe.tracking)
+    progress.status("reading the data")
     info = load_info(recipe.data_dir)
     dist = init_distributed(recipe.device)  # under torchrun: rank 0 alone prints and writes
     folder.writer, progress = dist.is_main, progress if dist.is_main else Progress(enabled=False)
     batch_size = dist.per_rank_batch(spec.batch_size, "distill.batch_size")
     set_random_seed(recipe.seed, recipe.deterministic)
     runtime = make_runtime(recipe.device, recipe.deterministic, recipe.compile, recipe.precision)
+    n_teachers = len(recipe.teachers) if cls.uses_teachers else 0
+    progress.status(f"building the student and loading {n_teachers} teacher{'s' * (n_teachers != 1)}")
     method, teacher_paths = build_models(recipe, info.num_classes, runtime)
     convert_sync_bn(method, dist, recipe.sync_bn)  # in place: student, teachers, fusion
+    progress.status(f"loading the data onto {runtime.device.type}")
     loaders = split_loaders(recipe.data_dir, runtime, batch_size, spec.eval_batch_size, spec.augment, recipe.seed,
                             dist.rank, dist.world_size)
+    # Each frozen teacher's precision and layout: measured on a real batch (or cached), printed once.
+    inference = plan_inference(runtime, dict(zip(method.teacher_names, method.teachers, strict=False)),
+                               next(iter(loaders.train)).x, progress.line)
 
-    teacher_val, teacher_test = teacher_figures(list(method.teachers), loaders, runtime)
+    progress.status("measuring the teachers on the val and test splits")
+    teacher_val, teacher_test, teacher_average = teacher_figures(list(method.teachers), loaders, runtime)
     student_path = folder.path / "student.safetensors"
     extras = checkpoint_extras(recipe, loaders.info)
 
@@ -319,52 +381,82 @@ def distill(
     dist.barrier()  # every rank has checked the folder before rank 0 writes to it
     folder.start(recipe.to_yaml(), force=force, resume=resume)
     keys = ["epoch", "phase", "loss", "syn_ce", "ib_kl", "cccp", "ce", "kd", "kd_ens",
-            "synergy_val_top1", "student_val_top1"]
+            "synergy_val_top1", "student_val_loss", "student_val_top1"]
     try:
+        if started:
+            folder.log_line(f"note: {started}")
+        folder.open_tracking(recipe.tracking, resume=resume, name=f"{recipe.name}-{spec.method}-s{recipe.seed}",
+                             config=recipe.model_dump(mode="json"), note=tell(progress, folder))
         plan = run_plan(task, folder, progress, runtime.device, resume=resume, config=loop, summary_keys=keys,
-                        dist=dist)
+                        dist=dist, label=f"distill ({spec.method})")
+        progress.status("testing the best student")
         dist.barrier()  # the best checkpoints are on disk for every rank
 
         best, _ = load_model(student_path, kinds=("student",), device=runtime.device)
         student_test = evaluate_predictor(best, loaders.test.batches(0), info.num_classes).top1
         figures = method.test_figures(folder.path, loaders.test, info.num_classes)
+        gain = None if teacher_average is None else round(student_test - teacher_average, 4)
+        teachers = list(recipe.teachers) if method.teachers else []
         summary = {
             "method": spec.method,
             "seed": recipe.seed,
             "student_arch": recipe.student.arch,
-            "teachers": [t.name for t in recipe.teachers] if method.teachers else [],
+            "teachers": [t.name for t in teachers],
+            "teacher_archs": [t.arch for t in teachers],
             "student_val_top1": task.best_val,
             "student_test_top1": student_test,
             "synergy_test_top1": figures.pop("synergy_test_top1", None),
             "teacher_test_top1": teacher_test,
             "teacher_val_top1": teacher_val,
+            "teacher_average_test_top1": teacher_average,
+            "student_gain_over_teacher_average": gain,
             "teacher_figures_of": "the teachers as loaded (their checkpoints), before any adaptation",
             "best_epoch": task.best_epoch,
+            "inference": inference,
+            "epochs": len(plan.records),
+            "student_params": count_parameters(method.student),
+            "teacher_params": [count_parameters(t) for t in method.teachers],
             **figures,
             **method.summary(),
+            **environment(runtime.device),
             "seconds": round(plan.seconds, 2),
         }
         folder.write_summary(summary)
+        result = DistillResult(folder.path, spec.method, summary["teachers"], teacher_test,
+                               summary["synergy_test_top1"], task.best_val, student_test, plan.seconds, summary)
+        folder.log_line("\n".join(result.table_lines()))
         folder.finish()
     finally:
         folder.release()  # .lock goes when the run ends, however it ends (finish released it already)
-    return DistillResult(folder.path, spec.method, summary["teachers"], teacher_test, summary["synergy_test_top1"],
-                         task.best_val, student_test, plan.seconds, summary)
+    return result
 
 
 def teacher_figures(
     teachers: list[nn.Module], loaders: SplitLoaders, runtime: Runtime
-) -> tuple[list[float], list[float]]:
-    """Validation (for the synergy gate) and test top-1 of every teacher as loaded, once."""
-    val, test = [], []
+) -> tuple[list[float], list[float], float | None]:
+    """Validation (for the synergy gate) and test top-1 of every teacher as loaded, and the test
+    top-1 of the teachers' average logits (None without teachers), in one pass over each split."""
+    if not teachers:
+        return [], [], None
     for teacher in teachers:
         teacher.eval()
+    val = _top1s(teachers, loaders.val.batches(0), runtime)[:-1] if loaders.val is not None else []
+    *test, average = _top1s(teachers, loaders.test.batches(0), runtime)
+    return val, test, average
 
-        def predict(x: torch.Tensor, t: nn.Module = teacher) -> torch.Tensor:
-            with runtime.autocast():
-                return t(x)
 
-        if loaders.val is not None:
-            val.append(round(top1_of(predict, loaders.val.batches(0)), 4))
-        test.append(round(top1_of(predict, loaders.test.batches(0)), 4))
-    return val, test
+@torch.inference_mode()
+def _top1s(teachers: list[nn.Module], batches: Iterator[Batch], runtime: Runtime) -> list[float]:
+    """Top-1 (%) of each teacher and, last, of their average logits; counted on the device."""
+    hits: torch.Tensor | None = None
+    n = 0
+    for batch in batches:
+        with runtime.autocast():
+            logits = [t(batch.x).float() for t in teachers]
+        logits.append(torch.stack(logits).mean(0))
+        preds = torch.stack([x.topk(1, dim=1).indices[:, 0] for x in logits])
+        batch_hits = (preds == batch.y).sum(1)
+        hits = batch_hits if hits is None else hits + batch_hits
+        n += batch.y.numel()
+    counts = hits.tolist() if hits is not None else [0] * (len(teachers) + 1)
+    return [round(100.0 * c / max(1, n), 4) for c in counts]
