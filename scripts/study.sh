@@ -9,6 +9,9 @@
 #                                        # (seed 0), then SEEDS at the chosen values
 #   scripts/study.sh search B --variant NAME:key=value,...   # ASIB's validation search (seed 0)
 #   scripts/study.sh final B             # ASIB (the recipe's settings) added to the baselines' study
+#   scripts/study.sh snapshot            # copy what the study found (no weights) into studies/fmnist/
+#   scripts/study.sh restore             # put studies/fmnist/ back under runs/ (teachers included), so
+#                                        # a study started on another machine continues where it stopped
 #
 # B is yardstick B (recipes/study/fmnist_transfer.yaml: 5,500 transfer images), A is yardstick A
 # (recipes/study/fmnist_full.yaml: 55,000). JOBS runs at once (default 2, one thread each);
@@ -71,8 +74,30 @@ case "${1:-}" in
     lr=$(chosen_lr "$2")
     compare "$2" main --set "distill.student_optim.lr=$lr" --methods "$BASELINES,asib" --seeds "$SEEDS" "${TUNE[@]}"
     ;;
+  snapshot)
+    # Every run's recipe.yaml, summary.json and metrics.jsonl and every study's compare.* files:
+    # enough for `asib compare` to count a run as finished. Weights stay out, but the teachers'.
+    mkdir -p studies/fmnist/teachers
+    for t in resnet20 mobilenetv2; do
+      cp "runs/fmnist_full/teachers/$t/model.safetensors" "studies/fmnist/teachers/$t.safetensors"
+      cp "runs/fmnist_full/teachers/$t/summary.json" "studies/fmnist/teachers/$t.summary.json"
+    done
+    (cd runs/study && find . -name train_state.safetensors -printf '%h\n' | sort -u > /tmp/asib_unfinished)
+    (cd runs/study && find . \( -name recipe.yaml -o -name summary.json -o -name metrics.jsonl \
+        -o -name 'compare.*' -o -name study.json \) -print) | while read -r f; do
+      grep -qx "$(dirname "$f")" /tmp/asib_unfinished && continue   # unfinished runs are run again
+      mkdir -p "studies/fmnist/$(dirname "$f")" && cp "runs/study/$f" "studies/fmnist/$f"
+    done
+    ;;
+  restore)
+    for t in resnet20 mobilenetv2; do
+      dst="runs/fmnist_full/teachers/$t/model.safetensors"
+      [ -f "$dst" ] || { mkdir -p "$(dirname "$dst")" && cp "studies/fmnist/teachers/$t.safetensors" "$dst"; }
+    done
+    mkdir -p runs/study && cp -rn studies/fmnist/A studies/fmnist/B runs/study/ 2>/dev/null || true
+    ;;
   *)
-    sed -n '2,18p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac
