@@ -329,8 +329,12 @@ def test_step_is_one_optimizer_step_without_a_host_sync(monkeypatch: pytest.Monk
     opt, sched = distiller.optimizers.student_optimizer, distiller.optimizers.student_scheduler
     assert isinstance(opt, torch.optim.SGD) and distiller.optimizers.teacher_optimizer is None
     x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    assert distiller.inference is None
     first = distiller.step(x, y, epoch=0)
     assert {"loss", "ce", "kd"} <= set(first) and not first["loss"].requires_grad
+    # the first step gave the frozen teacher its precision and layout the way asib distill does
+    assert set(distiller.inference) == {"teacher0"} and distiller.inference["teacher0"]["ms"]
+    assert distiller.runtime.plans.find(method.teachers[0]) is not None
     before = params(method.student)
     with monkeypatch.context() as m:  # no value is read back to the host inside a step
         for name in ("item", "tolist", "__bool__", "__float__", "__int__"):

@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from asib.data import Batch, InMemoryLoader
+from asib.engine.inference import plan_inference
 from asib.engine.loaders import SplitLoaders
 from asib.engine.loop import EpochPlan, LoopConfig, MetricSums, check_finite, run_plan
 from asib.engine.metrics import top1_of
@@ -141,6 +142,9 @@ class Distiller:
         self._plan = self.task.plan()
         self._placed: dict[tuple[str, int, int | None, int | None], EpochPlan] = {}
         self._epoch: EpochPlan | None = None
+        # Each frozen teacher's precision and layout (``plan_inference``), chosen at the first step on
+        # its batch: measured under ``precision: auto`` (cached), fixed otherwise; records by teacher name.
+        self.inference: dict[str, dict[str, Any]] | None = None
 
     @property
     def optimizers(self) -> Optimizers:
@@ -220,6 +224,9 @@ class Distiller:
 
     def _step(self, ep: EpochPlan, batch: Batch) -> dict[str, torch.Tensor | float]:
         batch = self._on_device(batch)
+        if self.inference is None:  # the first batch: each frozen teacher's plan, as asib distill measures it
+            self.inference = plan_inference(self.runtime, dict(zip(self.method.teacher_names, self.method.teachers,
+                                                                   strict=False)), batch.x)
         student = self.method.student
         if ep.phase == "B" and not student.training:  # evaluated since the epoch began
             student.train()
