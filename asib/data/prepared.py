@@ -261,8 +261,9 @@ def _remove_leftovers(out_dir: Path) -> list[str]:
     return removed
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished ``tmp`` onto ``out_dir``; an old ``out_dir`` is removed only after that."""
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished folder ``tmp`` onto ``out_dir``; an old ``out_dir`` is removed only after
+    that, and put back if the move fails (a prepared dataset here, an hf export in ``asib export``)."""
     out_dir = Path(os.path.abspath(out_dir))
     if not os.path.lexists(out_dir):
         os.replace(tmp, out_dir)
@@ -272,7 +273,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     try:
         os.replace(tmp, out_dir)
     except OSError:
-        os.replace(old / out_dir.name, out_dir)  # put the previous dataset back
+        os.replace(old / out_dir.name, out_dir)  # put the previous folder back
         old.rmdir()
         raise
     shutil.rmtree(old)
@@ -384,7 +385,7 @@ def write_prepared(
     try:
         info = _write_folder(tmp, tensors, raw, spec, source, name, mean, std, say)
         _check_target(out_dir, force)  # someone may have prepared it meanwhile
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except OSError as exc:
         raise write_error(out_dir, exc) from None
     except SafetensorError as exc:  # safetensors reports a failed write as its own error

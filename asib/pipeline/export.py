@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from asib.data.prepared import replace_dir
 from asib.engine.checkpoint import CheckpointInfo, load_model, read_info, save_tensors
 from asib.engine.io import atomic_write, umask
 from asib.errors import AsibError, CheckpointError, DataError
@@ -426,7 +427,7 @@ def write_hf_folder(
                 hint="try --format safetensors or onnx",
             )
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the umask decides, as for any file
-        _replace_folder(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -453,22 +454,3 @@ def _rebuild_hf(folder: Path, name: str | None, info: CheckpointInfo) -> Callabl
     else:
         model, _ = load_model(folder / "model.safetensors", kinds=(info.kind,))
     return model.float().eval()
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` onto ``out``; an old ``out`` (checked to hold only an hf export) goes after."""
-    import shutil
-    import tempfile
-
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old / out.name, out)  # put the previous export back
-        old.rmdir()
-        raise
-    shutil.rmtree(old)
