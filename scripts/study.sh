@@ -91,8 +91,9 @@ case "${1:-}" in
     ;;
   restore)
     for t in resnet20 mobilenetv2; do
-      dst="runs/fmnist_full/teachers/$t/model.safetensors"
-      [ -f "$dst" ] || { mkdir -p "$(dirname "$dst")" && cp "studies/fmnist/teachers/$t.safetensors" "$dst"; }
+      dst="runs/fmnist_full/teachers/$t"
+      [ -f "$dst/model.safetensors" ] || { mkdir -p "$dst" && cp "studies/fmnist/teachers/$t.safetensors" "$dst/model.safetensors" &&
+        cp "studies/fmnist/teachers/$t.summary.json" "$dst/summary.json"; }   # the data step then skips it
     done
     mkdir -p runs/study && cp -rn studies/fmnist/A studies/fmnist/B runs/study/ 2>/dev/null || true
     ;;
