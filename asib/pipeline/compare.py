@@ -29,6 +29,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -412,11 +413,9 @@ class Runner:
             for proc, *_ in self._live.values():
                 proc.send_signal(signum)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+        if threading.current_thread() is threading.main_thread():  # where Python lets handlers be set
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
         try:
             total = len(queue)
             while queue or self._live:

@@ -355,12 +355,12 @@ def timm_hf_config(name: str, reference: nn.Module, info: CheckpointInfo, model:
     """config.json in timm's hub style: architecture, num_classes, num_features, label_names and
     a pretrained_cfg with this checkpoint's preprocessing."""
     pre = _preprocessing(info, model)
-    cfg = {k: v for k, v in dict(reference.pretrained_cfg).items() if k not in _SOURCE_KEYS and v is not None}
-    if tuple(cfg.get("input_size") or ())[1:] != tuple(pre["input_size"])[1:]:  # type: ignore[index]
-        cfg.pop("pool_size", None)
-    cfg.update(_PREPROCESSING)
-    cfg.update({"architecture": name, "custom_load": False, "num_classes": info.num_classes,
-                "input_size": pre["input_size"], "mean": pre["mean"], "std": pre["std"]})
+    timm_cfg = {k: v for k, v in dict(reference.pretrained_cfg).items() if k not in _SOURCE_KEYS and v is not None}
+    if tuple(timm_cfg.get("input_size") or ())[1:] != tuple(pre["input_size"])[1:]:  # type: ignore[index]
+        timm_cfg.pop("pool_size", None)
+    timm_cfg.update(_PREPROCESSING)
+    timm_cfg.update({"architecture": name, "custom_load": False, "num_classes": info.num_classes,
+                     "input_size": pre["input_size"], "mean": pre["mean"], "std": pre["std"]})
     config: dict[str, object] = {"architecture": name, "num_classes": info.num_classes,
                                  "num_features": int(getattr(reference, "num_features", model.feature_dim))}
     pool = getattr(reference, "global_pool", None)
@@ -368,7 +368,7 @@ def timm_hf_config(name: str, reference: nn.Module, info: CheckpointInfo, model:
     if isinstance(pool, str) and pool:
         config["global_pool"] = pool
     config["label_names"] = pre["label_names"]
-    config["pretrained_cfg"] = json.loads(json.dumps(cfg))  # tuples as lists
+    config["pretrained_cfg"] = json.loads(json.dumps(timm_cfg))  # tuples as lists
     config["asib"] = _provenance(info)
     return config
 
