@@ -234,7 +234,7 @@ METHOD_KEYS: dict[str, frozenset[str]] = {
         "kd_ens_alpha", "teacher_adapt_epochs", "synergy_warmup_epochs", "teacher_optim", "synergy_label_smoothing",
         "ib", "ib_beta", "ib_beta_warmup_epochs", "ib_target_samples", "cccp", "cccp_alpha", "cccp_ramp_epochs",
         "synergy_target", "synergy_gate", "disagreement", "lambda_high", "lambda_low", "teacher_weights",
-        "teacher_freeze_schedule", "ib_mbm", "synergy_kd_alpha",
+        "teacher_freeze_schedule", "ib_mbm", "synergy_kd_alpha", "synergy_crossfit",
     },
 }
 # Loss weights whose default depends on the method (a missing key takes the method's value).
@@ -305,6 +305,12 @@ class DistillSpec(Spec):
     synergy_kd_alpha: float = Field(
         0.0, ge=0, description="A-step: weight of KD from the teacher average into the synergy head, so its"
         " targets keep the teachers' soft predictions as well as the labels; 0 turns it off"
+    )
+    synergy_crossfit: bool = Field(
+        False, description="two fusion paths (IB_MBM + synergy head), each trained on one half of the training"
+        " images (index % 2); the B-step target of an image comes from the path that never trained on it, and"
+        " outside the training split the synergy is the mean of both paths' logits (about twice the fusion"
+        " module's parameters and time). Not with teacher blocks that train (teacher_freeze_schedule)"
     )
     ce_alpha: float = Field(0.3, ge=0, description="weight of the student's CE (dkd, dist: 1.0)")
     kd_alpha: float = Field(
@@ -397,6 +403,11 @@ class DistillSpec(Spec):
                     raise ValueError(f"{name} has {len(sched)} entries but num_stages is {self.num_stages}")
                 if any(level < -1 for level in sched):
                     raise ValueError(f"{name}: levels are -1 (all train) or >= 0 (head + last L blocks)")
+        if self.synergy_crossfit and any(level != 0 for level in self.teacher_freeze_schedule or []):
+            raise ValueError(
+                "synergy_crossfit needs frozen teachers (teacher_freeze_schedule all 0): adapted teacher blocks"
+                " would be shared by both fusion paths and see both halves of the training images"
+            )
         return self
 
     def stage_epochs(self) -> list[int]:

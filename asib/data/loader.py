@@ -31,13 +31,15 @@ class Batch(NamedTuple):
     """One batch: normalised float images, labels, and the mixing partner (``y2``, ``lam``).
 
     Unmixed batches have ``y2=None`` and ``lam=1.0``; the loss of a mixed batch is
-    ``lam * loss(y) + (1 - lam) * loss(y2)``.
+    ``lam * loss(y) + (1 - lam) * loss(y2)``. ``idx``: each image's index in its split (of a
+    mixed image, the one whose label is ``y``), or None where the batch's source does not say.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     y2: torch.Tensor | None = None
     lam: float = 1.0
+    idx: torch.Tensor | None = None
 
 
 def _seed(*parts: int) -> int:
@@ -208,12 +210,12 @@ class InMemoryLoader:
                 x = x.contiguous(memory_format=torch.channels_last)  # uint8: the cheap place to convert
             xf = torch.addcmul(self._bias, x, self._inv)
         if aug is None or gen is None:
-            return Batch(xf, y)
+            return Batch(xf, y, idx=idx)
         rng = np.random.default_rng(_seed(self.seed, *key, self.rank, index, _SCALARS))
         xf, y2, lam = mix(xf, y, aug, rng, gen)
         if self.channels_last:
             xf = xf.contiguous(memory_format=torch.channels_last)
-        return Batch(xf, y, y2, lam)
+        return Batch(xf, y, y2, lam, idx)
 
     def _gather_windows(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Per-sample random crop (a window of the zero-padded image) and left-right flip with

@@ -218,12 +218,20 @@ def save_synergy(
     spec: Any,
     extra: dict[str, Any],
     adapted_teachers: list[dict[str, torch.Tensor]] | None = None,
+    more_paths: list[tuple[nn.Module, nn.Module]] | None = None,
 ) -> Path:
     """Adapters + IB_MBM + head, the teacher and student checkpoints they are queried with,
     and, when teacher blocks were trained on the synergy path, the adapted teachers' weights
-    (``teacher{k}.*``), so the ensemble is evaluated exactly as it was trained."""
+    (``teacher{k}.*``), so the ensemble is evaluated exactly as it was trained.
+
+    ``more_paths``: further (IB_MBM, head) pairs of the same shapes (``synergy_crossfit``),
+    stored as ``path{p}.ib_mbm.*`` and ``path{p}.head.*`` from p = 1; the header's
+    ``asib.synergy_paths`` counts them all, and the synergy is the mean of the paths' logits."""
     tensors = {f"ib_mbm.{k}": v for k, v in ib_mbm.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
+    for p, (more_ib, more_head) in enumerate(more_paths or [], start=1):
+        tensors.update({f"path{p}.ib_mbm.{k}": v for k, v in more_ib.state_dict().items()})
+        tensors.update({f"path{p}.head.{k}": v for k, v in more_head.state_dict().items()})
     for k, state in enumerate(adapted_teachers or []):
         tensors.update({f"teacher{k}.{name}": v for name, v in state.items()})
     meta = {
@@ -237,6 +245,7 @@ def save_synergy(
         "asib.ib_mbm": spec.ib_mbm.model_dump(),
         "asib.ib": spec.ib,
         "asib.adapted_teachers": adapted_teachers is not None,
+        **({"asib.synergy_paths": 1 + len(more_paths)} if more_paths else {}),
         **{f"asib.{k}": v for k, v in extra.items()},
     }
     return save_tensors(path, tensors, meta)
@@ -253,6 +262,21 @@ def _resolve(ref: str, base: Path) -> Path:
 
 def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+MAX_SYNERGY_PATHS = 8
+
+
+def synergy_paths(info: CheckpointInfo) -> int:
+    """How many (IB_MBM, head) paths a synergy checkpoint holds: 1 when its header does not say
+    (files written before ``synergy_crossfit``)."""
+    paths = info.json_field("synergy_paths")
+    if paths is None:
+        return 1
+    if type(paths) is not int or not 1 <= paths <= MAX_SYNERGY_PATHS:
+        raise CheckpointError(f"{info.path}: asib.synergy_paths in its header is {short_repr(paths, 40)},"
+                              f" not a count of 1 to {MAX_SYNERGY_PATHS}", hint=REWRITE_HINT)
+    return paths
 
 
 def _synergy_header(info: CheckpointInfo) -> tuple[list[str], str, int, list[int], Any, bool, bool]:
@@ -304,17 +328,23 @@ def load_synergy_predictor(info: CheckpointInfo, runtime: Any):
             load_fitting(teacher, _take(tensors, f"teacher{k}."), info.path, f"teacher {k} ({teacher.arch})")
         teachers.append(teacher.eval())
     student, _ = load_model(_resolve(student_ref, base), kinds=("student",), device=runtime.device)
-    ib_mbm = IBMBM(query_dim, dims, ib_spec, ib=ib)
-    head = SynergyHead(ib_spec.dim, info.num_classes, ib_spec.head_dropout)
-    load_fitting(ib_mbm, _take(tensors, "ib_mbm."), info.path, "its fusion module (ib_mbm)")
-    load_fitting(head, _take(tensors, "head."), info.path, "its synergy head")
-    ib_mbm.to(runtime.device).eval()
-    head.to(runtime.device).eval()
+    paths = []
+    for p in range(synergy_paths(info)):
+        prefix, which = ("", "") if p == 0 else (f"path{p}.", f" of path {p}")
+        ib_mbm = IBMBM(query_dim, dims, ib_spec, ib=ib)
+        head = SynergyHead(ib_spec.dim, info.num_classes, ib_spec.head_dropout)
+        load_fitting(ib_mbm, _take(tensors, f"{prefix}ib_mbm."), info.path, f"its fusion module (ib_mbm){which}")
+        load_fitting(head, _take(tensors, f"{prefix}head."), info.path, f"its synergy head{which}")
+        paths.append((ib_mbm.to(runtime.device).eval(), head.to(runtime.device).eval()))
 
     @torch.inference_mode()
     def predict(x: torch.Tensor) -> torch.Tensor:
         with runtime.autocast():
             feats = [t.features(x) for t in teachers]
-            return head(ib_mbm(student.features(x), feats).mu)
+            h_s = student.features(x)
+            if len(paths) == 1:
+                ib_mbm, head = paths[0]
+                return head(ib_mbm(h_s, feats).mu)
+            return torch.stack([head(ib_mbm(h_s, feats).mu) for ib_mbm, head in paths]).mean(0)
 
     return predict

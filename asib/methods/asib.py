@@ -8,6 +8,10 @@ student toward the teacher average and the synergy target. Every term is logged 
 Unfrozen teacher blocks serve the synergy path only: they train in copies of the teachers,
 while the teacher average, the disagreement weights and the gate's weakest teacher use the
 original teachers throughout; ``synergy.safetensors`` stores the adapted blocks.
+
+With ``synergy_crossfit`` there are two fusion paths (IB_MBM + synergy head): path k learns on
+the training images of fold ``index % 2 == k`` only, and an image's B-step target comes from
+the other path, which never fitted it; elsewhere the synergy is the mean of both paths' logits.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from asib.data import Batch, InMemoryLoader
 from asib.engine.checkpoint import load_synergy_predictor, read_info, save_synergy
 from asib.engine.loop import EpochPlan
 from asib.engine.metrics import evaluate_predictor, top1_of
+from asib.engine.runtime import derive_seed
 from asib.engine.schedules import ramp
+from asib.errors import DataError
 from asib.methods.base import (
     Artifacts,
     DistillMethod,
@@ -42,11 +48,14 @@ from asib.methods.losses import (
     ib_kl,
     kd_loss_fn,
     kd_to_distribution,
+    masked_mean,
     standardize_logits,
     teacher_average,
     weighted_mean,
 )
 from asib.models import (
+    IBMBM,
+    SynergyHead,
     apply_freeze_level,
     build_ib_mbm_from_teachers,
     setup_partial_freeze_schedule,
@@ -97,6 +106,14 @@ class ASIB(DistillMethod):
         adapts = any(level != 0 for level in self.teacher_levels)
         self.fusion_teachers = nn.ModuleList(copy.deepcopy(t) for t in teachers) if adapts else None
         self.ib_mbm, self.synergy_head = build_ib_mbm_from_teachers(teachers, student, spec)
+        # synergy_crossfit: the second fusion path, from a seed stream of its own (derived from the
+        # generator's seed, so a run's weights depend on its seed only and path 0 is unchanged).
+        self.ib_mbm1: IBMBM | None = None
+        self.synergy_head1: SynergyHead | None = None
+        if spec.synergy_crossfit:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(torch.initial_seed(), "synergy_path1"))
+                self.ib_mbm1, self.synergy_head1 = build_ib_mbm_from_teachers(teachers, student, spec)
         self.first_stage_a_epochs = spec.synergy_warmup_epochs + spec.teacher_adapt_epochs
         self.gate_open = True  # set at each stage's first B-epoch from the synergy head's val accuracy
         self.gate_log: list[bool] = []
@@ -107,12 +124,22 @@ class ASIB(DistillMethod):
     def a_epochs(self, stage: int) -> int:
         return self.spec.teacher_adapt_epochs + (self.spec.synergy_warmup_epochs if stage == 0 else 0)
 
+    def fusion_paths(self) -> list[tuple[IBMBM, SynergyHead]]:
+        """The (IB_MBM, synergy head) pairs: one, or two with ``synergy_crossfit``."""
+        paths = [(self.ib_mbm, self.synergy_head)]
+        if self.ib_mbm1 is not None and self.synergy_head1 is not None:
+            paths.append((self.ib_mbm1, self.synergy_head1))
+        return paths
+
     def optim_groups(self) -> dict[str, tuple[list[nn.Module], OptimSpec]]:
-        side: list[nn.Module] = [self.ib_mbm, self.synergy_head, *(self.fusion_teachers or [])]
+        side: list[nn.Module] = [m for pair in self.fusion_paths() for m in pair]
+        side += list(self.fusion_teachers or [])
         return {"A": (side, self.spec.teacher_optim), "B": ([self.student], self.spec.student_optim)}
 
     def trained_modules(self) -> dict[str, nn.Module]:
         out: dict[str, nn.Module] = {"student": self.student, "ib_mbm": self.ib_mbm, "head": self.synergy_head}
+        if self.ib_mbm1 is not None and self.synergy_head1 is not None:
+            out["ib_mbm1"], out["head1"] = self.ib_mbm1, self.synergy_head1
         if self.fusion_teachers is not None:
             out["fusion_teachers"] = self.fusion_teachers
         return out
@@ -136,13 +163,15 @@ class ASIB(DistillMethod):
             self.student.eval()
             for teacher in self.fusion_teachers or []:
                 teacher.train(any(p.requires_grad for p in teacher.parameters()))
-            self.ib_mbm.train()
-            self.synergy_head.train()
+            for ib_mbm, head in self.fusion_paths():
+                ib_mbm.train()
+                head.train()
             return
         self.student.train()
         self.synergy_teachers.eval()
-        self.ib_mbm.eval()
-        self.synergy_head.eval()
+        for ib_mbm, head in self.fusion_paths():
+            ib_mbm.eval()
+            head.eval()
         if ep.stage_epoch == 0:
             self._set_gate(ep)
 
@@ -179,7 +208,8 @@ class ASIB(DistillMethod):
         return out
 
     def _predict_synergy(self, x: Tensor) -> Tensor:
-        modes = {m: m.training for m in (self.student, self.ib_mbm, self.synergy_head, self.synergy_teachers)}
+        fusion = [m for pair in self.fusion_paths() for m in pair]
+        modes = {m: m.training for m in (self.student, *fusion, self.synergy_teachers)}
         for m in modes:
             m.eval()
         try:
@@ -191,9 +221,24 @@ class ASIB(DistillMethod):
                 m.train(flag)
 
     def synergy_logits(self, x: Tensor) -> Tensor:
-        """Logits of the fused teachers queried by the student (the evaluable ensemble)."""
+        """Logits of the fused teachers queried by the student (the evaluable ensemble); with
+        ``synergy_crossfit`` the mean of both paths' logits (as ``synergy.safetensors`` predicts)."""
         feats, _ = frozen_outputs(self.synergy_teachers, x)
-        return self.synergy_head(self.ib_mbm(self.student.features(x), feats).mu)
+        if self.ib_mbm1 is None:
+            return self.synergy_head(self.ib_mbm(self.student.features(x), feats).mu)
+        h_s = self.student.features(x)
+        return torch.stack([head(ib_mbm(h_s, feats).mu) for ib_mbm, head in self.fusion_paths()]).mean(0)
+
+    def folds(self, batch: Batch) -> Tensor:
+        """Each image's fold (its index in the training split, mod 2) under ``synergy_crossfit``."""
+        if batch.idx is None:
+            raise DataError(
+                "synergy_crossfit needs each batch's image indices in the training split (Batch.idx) and this"
+                " batch has none: train from an asib loader, or build the batch as Batch(..., idx=indices)"
+            )
+        if batch.idx.shape != batch.y.shape:
+            raise DataError(f"Batch.idx has shape {tuple(batch.idx.shape)}, the labels {tuple(batch.y.shape)}")
+        return batch.idx.remainder(2)
 
     # ------------------------------------------------------------ the two steps
 
@@ -224,16 +269,18 @@ class ASIB(DistillMethod):
             feats = self._fusion_features(batch.x)
             if spec.synergy_kd_alpha > 0:
                 t_logits = self.teacher_logits(batch.x)
-        out = self.ib_mbm(h_s, feats)
-        g = self.synergy_head(out.z).float()
-        ce = cross_entropy(g, batch.y, spec.synergy_label_smoothing, batch.y2, batch.lam)
         ce_only = ep.stage == 0 and ep.stage_epoch < spec.synergy_warmup_epochs
         beta = 0.0 if ce_only else get_beta(ep.phase_epoch, spec)
-        kl = ib_kl(out.mu, out.logvar)
         tau = self.tau_at(sum(spec.stage_epochs()[: ep.stage]))
         cccp_w = 0.0
         if spec.cccp and ep.stage >= 1 and not ce_only:
             cccp_w = spec.effective_cccp_alpha * cccp_ramp(ep.phase_epoch - self.first_stage_a_epochs, spec)
+        if self.ib_mbm1 is not None:
+            return self._a_step_crossfit(batch, h_s, s, feats, t_logits, beta, cccp_w, tau)
+        out = self.ib_mbm(h_s, feats)
+        g = self.synergy_head(out.z).float()
+        ce = cross_entropy(g, batch.y, spec.synergy_label_smoothing, batch.y2, batch.lam)
+        kl = ib_kl(out.mu, out.logvar)
         if cccp_w > 0:
             coupling = cccp_loss(self.kd_input(g), self.kd_input(s), tau)
         else:
@@ -256,6 +303,47 @@ class ASIB(DistillMethod):
         terms.update(attention_terms(out.attn))
         return terms
 
+    def _a_step_crossfit(
+        self, batch: Batch, h_s: Tensor, s: Tensor, feats: list[Tensor], t_logits: list[Tensor],
+        beta: float, cccp_w: float, tau: float,
+    ) -> Terms:
+        """The A-step with two paths: each term per sample, path k's loss the mean over the
+        batch's images of fold k only (0 when the batch has none), so path k never learns from
+        the other fold. Logged terms are of each image's own path, over the whole batch."""
+        spec = self.spec
+        fold = self.folds(batch)
+        t_bar = teacher_average(t_logits, spec.teacher_weights) if spec.synergy_kd_alpha > 0 else None
+        loss = torch.zeros((), device=h_s.device)
+        per_path: list[dict[str, Tensor]] = []
+        for k, (ib_mbm, head) in enumerate(self.fusion_paths()):
+            out = ib_mbm(h_s, feats)
+            g = head(out.z).float()
+            zeros = torch.zeros(g.shape[0], device=g.device)
+            terms = {
+                "ce": cross_entropy(g, batch.y, spec.synergy_label_smoothing, batch.y2, batch.lam, reduction="none"),
+                "kl": ib_kl(out.mu, out.logvar, reduction="none"),
+                "cccp": cccp_loss(self.kd_input(g), self.kd_input(s), tau, reduction="none") if cccp_w > 0 else zeros,
+                "syn_kd": zeros if t_bar is None else kd_loss_fn(self.kd_input(g), self.kd_input(t_bar), tau,
+                                                                 reduction="none"),
+            }
+            sample = terms["ce"] + beta * terms["kl"] + cccp_w * terms["cccp"] + spec.synergy_kd_alpha * terms["syn_kd"]
+            loss = loss + masked_mean(sample, fold == k)
+            per_path.append({**terms, "g": g.detach(), "attn": out.attn.detach()})
+        own = _by_fold(per_path, fold)
+        out_terms: Terms = {
+            "loss": loss,
+            "syn_ce": own["ce"].detach().mean(),
+            "syn_kd": own["syn_kd"].detach().mean(),
+            "ib_kl": own["kl"].detach().mean(),
+            "cccp": own["cccp"].detach().mean(),
+            "beta": float(beta),
+            "cccp_w": float(cccp_w),
+            "tau": float(tau),
+            "syn_train_acc": accuracy_term(own["g"], dominant_labels(batch)),
+        }
+        out_terms.update(attention_terms(own["attn"]))
+        return out_terms
+
     def b_step(self, ep: EpochPlan, batch: Batch) -> Terms:
         """Student learns: CE + KD to the teacher average + weighted KD to the synergy target."""
         spec, x = self.spec, batch.x
@@ -266,11 +354,19 @@ class ASIB(DistillMethod):
             feats, t_logits = frozen_outputs(self.teachers, x)
             if self.fusion_teachers is not None:  # adapted copies on the synergy path, originals for the rest
                 feats = frozen_outputs(self.fusion_teachers, x)[0]
-            out = self.ib_mbm(h_s.detach(), feats)
-            q = synergy_target(
-                self.ib_mbm, self.synergy_head, out, tau, spec.ib_target_samples, mode=spec.synergy_target,
-                standardize=standardize_logits if spec.logit_standardization else None,
-            )
+            targets = []
+            for ib_mbm, head in self.fusion_paths():
+                out = ib_mbm(h_s.detach(), feats)
+                q = synergy_target(
+                    ib_mbm, head, out, tau, spec.ib_target_samples, mode=spec.synergy_target,
+                    standardize=standardize_logits if spec.logit_standardization else None,
+                )
+                targets.append({"q": q, "attn": out.attn})
+            if len(targets) == 2:  # cross-fitted: an image of fold k takes path 1 - k's target
+                other = _by_fold(targets[::-1], self.folds(batch))
+                q, attn = other["q"], other["attn"]
+            else:
+                q, attn = targets[0]["q"], targets[0]["attn"]
             t_bar = teacher_average(t_logits, spec.teacher_weights)
             w = disagreement_weights(t_logits, dominant_labels(batch), spec.disagreement, spec.lambda_high, spec.lambda_low)
         ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
@@ -293,7 +389,7 @@ class ASIB(DistillMethod):
             "train_acc": accuracy_term(s, batch.y),
             "disagree": disagreement_share(t_logits),
         }
-        terms.update(attention_terms(out.attn))
+        terms.update(attention_terms(attn))
         return terms
 
     # ------------------------------------------------------------ resume and artifacts
@@ -312,7 +408,7 @@ class ASIB(DistillMethod):
             adapted = [t.state_dict() for t in self.fusion_teachers]
         save_synergy(
             where.folder / SYNERGY_FILE, self.ib_mbm, self.synergy_head, where.teacher_paths, where.student,
-            self.spec, {"epoch": where.epoch}, adapted_teachers=adapted,
+            self.spec, {"epoch": where.epoch}, adapted_teachers=adapted, more_paths=self.fusion_paths()[1:] or None,
         )
 
     def test_figures(self, folder: Path, test: InMemoryLoader, num_classes: int) -> dict[str, Any]:
@@ -323,6 +419,16 @@ class ASIB(DistillMethod):
 
     def summary(self) -> dict[str, Any]:
         return {"gate_open_per_stage": list(self.gate_log), "teachers_adapted": self.fusion_teachers is not None}
+
+
+def _by_fold(per_path: Sequence[dict[str, Tensor]], fold: Tensor) -> dict[str, Tensor]:
+    """Per sample, the entries of path ``fold[i]`` (two paths): each key's rows picked by fold."""
+    pick = fold == 0
+    out = {}
+    for key, first in per_path[0].items():
+        second = per_path[1][key]
+        out[key] = torch.where(pick.view(-1, *([1] * (first.ndim - 1))), first, second)
+    return out
 
 
 def attention_terms(attn: Tensor) -> dict[str, Tensor]:

@@ -56,10 +56,11 @@ def kd_to_distribution(
     return _reduce(per_sample, reduction)
 
 
-def ib_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)): summed over latent dims, averaged over the batch."""
+def ib_kl(mu: Tensor, logvar: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)): summed over latent dims, averaged over the batch
+    (``reduction="none"``: one value per sample)."""
     mu, logvar = mu.float(), logvar.float()
-    return (0.5 * (mu.square() + logvar.exp() - logvar - 1.0)).sum(dim=-1).mean()
+    return _reduce((0.5 * (mu.square() + logvar.exp() - logvar - 1.0)).sum(dim=-1), reduction)
 
 
 def ib_loss(mu: Tensor, logvar: Tensor, beta: float | Tensor) -> Tensor:
@@ -144,6 +145,13 @@ def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     return (weights * values).sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
 
 
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of per-sample ``values`` over the samples where ``mask`` is true: 0 (not NaN) when
+    none is, and the samples left out get exactly zero gradient."""
+    kept = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return kept.sum() / mask.sum().clamp_min(1).to(values.dtype)
+
+
 def dkd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -189,13 +197,14 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     y2: Tensor | None = None,
     lam: float | Tensor = 1.0,
+    reduction: Reduction = "mean",
 ) -> Tensor:
     """CE with label smoothing in fp32; mixup/cutmix-aware: lam CE(y) + (1 - lam) CE(y2)."""
     logits = logits.float()
-    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction=reduction)
     if y2 is None:
         return loss
-    return lam * loss + (1.0 - lam) * F.cross_entropy(logits, y2, label_smoothing=label_smoothing)
+    return lam * loss + (1.0 - lam) * F.cross_entropy(logits, y2, label_smoothing=label_smoothing, reduction=reduction)
 
 
 # ---------------------------------------------------------------- logit standardization

@@ -241,7 +241,8 @@ class Distiller:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch.y.to(dev, torch.int64, non_blocking=True)
         y2 = None if batch.y2 is None else batch.y2.to(dev, torch.int64, non_blocking=True)
-        return Batch(x, y, y2, batch.lam)
+        idx = None if batch.idx is None else batch.idx.to(dev, non_blocking=True)
+        return Batch(x, y, y2, batch.lam, idx)
 
     def epoch(
         self,
