@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from asib.data import Batch
 from asib.engine.loop import EpochPlan
-from asib.methods.base import DistillMethod, Terms, accuracy_term
-from asib.methods.losses import cross_entropy, disagreement_share, kd_loss_fn
+from asib.methods.base import DistillMethod, Terms
+from asib.methods.losses import disagreement_share, kd_loss_fn
 
 
 class AvgKD(DistillMethod):
@@ -19,15 +19,7 @@ class AvgKD(DistillMethod):
         s = self.student(batch.x).float()
         tau = self.tau_at(ep.phase_epoch)
         t_bar, t_logits = self.teacher_target(batch.x)
-        ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
         kd = kd_loss_fn(self.kd_input(s), self.kd_input(t_bar), tau)
-        weight = self.kd_ramp(ep.phase_epoch) * spec.kd_alpha
-        return {
-            "loss": spec.ce_alpha * ce + weight * kd,
-            "ce": ce.detach(),
-            "kd": kd.detach(),
-            "tau": float(tau),
-            "kd_w": float(weight),
-            "train_acc": accuracy_term(s, batch.y),
-            "disagree": disagreement_share(t_logits),
-        }
+        terms = self.kd_terms(s, batch, kd, self.kd_ramp(ep.phase_epoch) * spec.kd_alpha, tau)
+        terms["disagree"] = disagreement_share(t_logits)
+        return terms

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from asib.engine.runtime import Runtime, as_layout, inference_plan, precision_autocast
 from asib.engine.schedules import get_tau, ramp
-from asib.methods.losses import standardize_logits, teacher_average
+from asib.methods.losses import cross_entropy, standardize_logits, teacher_average
 from asib.recipe import DistillSpec, OptimSpec
 
 if TYPE_CHECKING:
@@ -158,6 +158,22 @@ class DistillMethod(nn.Module):
         """The teacher average of the recipe's weights (fp32), and each teacher's logits."""
         logits = self.teacher_logits(x)
         return teacher_average(logits, self.spec.teacher_weights), logits
+
+    def kd_terms(self, s: Tensor, batch: Batch, kd: Tensor, weight: float, tau: float, **logged: Tensor) -> Terms:
+        """A logit-KD step's terms: ``loss = ce_alpha * CE + weight * kd`` (CE on the batch's
+        labels, mixed ones included), and what it logs: CE, the KD term, ``logged`` (detached),
+        tau, the KD weight and the training accuracy."""
+        spec = self.spec
+        ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
+        return {
+            "loss": spec.ce_alpha * ce + weight * kd,
+            "ce": ce.detach(),
+            "kd": kd.detach(),
+            **{k: v.detach() for k, v in logged.items()},
+            "tau": float(tau),
+            "kd_w": float(weight),
+            "train_acc": accuracy_term(s, batch.y),
+        }
 
 
 def frozen_outputs(models: Sequence[nn.Module], x: Tensor) -> tuple[list[Tensor], list[Tensor]]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from asib.data import Batch
 from asib.engine.loop import EpochPlan
-from asib.methods.base import DistillMethod, Terms, accuracy_term
-from asib.methods.losses import cross_entropy, dist_relations
+from asib.methods.base import DistillMethod, Terms
+from asib.methods.losses import dist_relations
 
 
 class DIST(DistillMethod):
@@ -27,17 +27,6 @@ class DIST(DistillMethod):
         s = self.student(batch.x).float()
         tau = self.tau_at(ep.phase_epoch)
         target, _ = self.teacher_target(batch.x)
-        ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
         inter, intra = dist_relations(self.kd_input(s), self.kd_input(target), tau)
         kd = (tau * tau) * (spec.dist.beta * inter + spec.dist.gamma * intra)  # = losses.dist_loss
-        weight = self.kd_ramp(ep.phase_epoch)
-        return {
-            "loss": spec.ce_alpha * ce + weight * kd,
-            "ce": ce.detach(),
-            "kd": kd.detach(),
-            "inter": inter.detach(),
-            "intra": intra.detach(),
-            "tau": float(tau),
-            "kd_w": float(weight),
-            "train_acc": accuracy_term(s, batch.y),
-        }
+        return self.kd_terms(s, batch, kd, self.kd_ramp(ep.phase_epoch), tau, inter=inter, intra=intra)

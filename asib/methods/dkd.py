@@ -10,8 +10,8 @@ from __future__ import annotations
 from asib.data import Batch
 from asib.engine.loop import EpochPlan
 from asib.engine.schedules import ramp
-from asib.methods.base import DistillMethod, Terms, accuracy_term, dominant_labels
-from asib.methods.losses import cross_entropy, dkd_loss
+from asib.methods.base import DistillMethod, Terms, dominant_labels
+from asib.methods.losses import dkd_loss
 
 
 class DKD(DistillMethod):
@@ -25,15 +25,5 @@ class DKD(DistillMethod):
         s = self.student(batch.x).float()
         tau = self.tau_at(ep.phase_epoch)
         target, _ = self.teacher_target(batch.x)
-        ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
-        weight = ramp(ep.phase_epoch, spec.dkd_warmup_epochs)
-        y = dominant_labels(batch)
-        kd = dkd_loss(self.kd_input(s), self.kd_input(target), y, spec.dkd.alpha, spec.dkd.beta, tau)
-        return {
-            "loss": spec.ce_alpha * ce + weight * kd,
-            "ce": ce.detach(),
-            "kd": kd.detach(),
-            "tau": float(tau),
-            "kd_w": float(weight),
-            "train_acc": accuracy_term(s, batch.y),
-        }
+        kd = dkd_loss(self.kd_input(s), self.kd_input(target), dominant_labels(batch), spec.dkd.alpha, spec.dkd.beta, tau)
+        return self.kd_terms(s, batch, kd, ramp(ep.phase_epoch, spec.dkd_warmup_epochs), tau)

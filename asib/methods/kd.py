@@ -9,8 +9,8 @@ from torch import nn
 from asib.data import Batch
 from asib.engine.loop import EpochPlan
 from asib.errors import RecipeError
-from asib.methods.base import DistillMethod, Terms, accuracy_term
-from asib.methods.losses import cross_entropy, kd_loss_fn
+from asib.methods.base import DistillMethod, Terms
+from asib.methods.losses import kd_loss_fn
 from asib.recipe import DistillSpec
 
 
@@ -32,17 +32,8 @@ class KD(DistillMethod):
         s = self.student(batch.x).float()
         tau = self.tau_at(ep.phase_epoch)
         target = self.teacher_logits(batch.x, [self.kd_teacher])[0]
-        ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
         kd = kd_loss_fn(self.kd_input(s), self.kd_input(target), tau)
-        weight = self.kd_ramp(ep.phase_epoch) * spec.kd_alpha
-        return {
-            "loss": spec.ce_alpha * ce + weight * kd,
-            "ce": ce.detach(),
-            "kd": kd.detach(),
-            "tau": float(tau),
-            "kd_w": float(weight),
-            "train_acc": accuracy_term(s, batch.y),
-        }
+        return self.kd_terms(s, batch, kd, self.kd_ramp(ep.phase_epoch) * spec.kd_alpha, tau)
 
 
 def resolve_teacher(key: int | str, names: Sequence[str]) -> int:
