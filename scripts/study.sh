@@ -15,7 +15,8 @@
 #
 # B is yardstick B (recipes/study/fmnist_transfer.yaml: 5,500 transfer images), A is yardstick A
 # (recipes/study/fmnist_full.yaml: 55,000). JOBS runs at once (default 2, one thread each);
-# SEEDS (default 0-4).
+# SEEDS (default 0-4). STUDENT=ARCH runs a step for a second student (the study's: shufflev2) in
+# runs/study/<yardstick>/<step>-ARCH, e.g. STUDENT=shufflev2 scripts/study.sh lr B.
 set -euo pipefail
 ASIB=${ASIB:-asib}  # e.g. ASIB="python -m asib"
 JOBS=${JOBS:-2}
@@ -30,15 +31,17 @@ recipe_of() {
   esac
 }
 
-chosen_lr() {  # the learning rate the lr step chose on validation
-  local file="runs/study/$1/lr/compare.json"
+chosen_lr() {  # the learning rate the lr step chose on validation (for STUDENT's lr step when set)
+  local file="runs/study/$1/lr${STUDENT:+-$STUDENT}/compare.json"
   [ -f "$file" ] || { echo "run 'scripts/study.sh lr $1' first" >&2; exit 1; }
   "$PY" -c "import json,sys; a=json.load(open(sys.argv[1]))['arms'][0]['tuned']; print(a['values']['student_optim.lr'])" "$file"
 }
 
-compare() {  # compare YARDSTICK STEP ARGS...
+compare() {  # compare YARDSTICK STEP ARGS...; STUDENT=ARCH: the same step for another student, in <step>-ARCH
   local y=$1 step=$2; shift 2
-  $ASIB compare "$(recipe_of "$y")" --out "runs/study/$y/$step" --jobs "$JOBS" --threads 1 "$@"
+  local student=()
+  if [ -n "${STUDENT:-}" ]; then student=(--set "student.arch=$STUDENT"); step="$step-$STUDENT"; fi
+  $ASIB compare "$(recipe_of "$y")" --out "runs/study/$y/$step" --jobs "$JOBS" --threads 1 "${student[@]}" "$@"
 }
 
 BASELINES=ce,avg_kd,dkd,ca_mkd,dist
@@ -98,7 +101,7 @@ case "${1:-}" in
     mkdir -p runs/study && cp -rn studies/fmnist/A studies/fmnist/B runs/study/ 2>/dev/null || true
     ;;
   *)
-    sed -n '2,21p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac
