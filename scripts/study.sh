@@ -45,7 +45,7 @@ compare() {  # compare YARDSTICK STEP ARGS...; STUDENT=ARCH: the same step for a
 }
 
 BASELINES=ce,avg_kd,dkd,ca_mkd,dist
-TUNE=(--tune avg_kd:tau=1,2,4 --tune ca_mkd:tau=1,2,4 --tune dist:tau=1,2,4
+TUNE=(--tune avg_kd:tau=1,2,4 --tune ca_mkd:tau=1,2,4 --tune dist:tau=1,2,4,8
       --tune dkd:tau=1,4 --tune dkd:dkd.beta=2,8)
 
 case "${1:-}" in
