@@ -234,7 +234,7 @@ METHOD_KEYS: dict[str, frozenset[str]] = {
         "kd_ens_alpha", "teacher_adapt_epochs", "synergy_warmup_epochs", "teacher_optim", "synergy_label_smoothing",
         "ib", "ib_beta", "ib_beta_warmup_epochs", "ib_target_samples", "cccp", "cccp_alpha", "cccp_ramp_epochs",
         "synergy_target", "synergy_gate", "disagreement", "lambda_high", "lambda_low", "teacher_weights",
-        "teacher_freeze_schedule", "ib_mbm", "synergy_kd_alpha", "synergy_crossfit",
+        "teacher_freeze_schedule", "ib_mbm", "synergy_kd_alpha", "synergy_crossfit", "kd_loss",
     },
 }
 # Loss weights whose default depends on the method (a missing key takes the method's value).
@@ -311,6 +311,10 @@ class DistillSpec(Spec):
         " images (index % 2); the B-step target of an image comes from the path that never trained on it, and"
         " outside the training split the synergy is the mean of both paths' logits (about twice the fusion"
         " module's parameters and time). Not with teacher blocks that train (teacher_freeze_schedule)"
+    )
+    kd_loss: Literal["kl", "dist"] = Field(
+        "kl", description="asib's B-step KD terms, toward the teacher average and toward the synergy target:"
+        " 'kl' (tau^2 KL) or 'dist' (DIST's relation loss, tau^2 (inter + intra), beta = gamma = 1)"
     )
     ce_alpha: float = Field(0.3, ge=0, description="weight of the student's CE (dkd, dist: 1.0)")
     kd_alpha: float = Field(

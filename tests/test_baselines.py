@@ -24,6 +24,7 @@ from asib.methods.losses import (
     cross_entropy,
     dist_loss,
     dist_relations,
+    dist_relations_to_distribution,
     kd_loss_fn,
     standardize_logits,
 )
@@ -224,6 +225,23 @@ def test_dist_relations_parts_and_limits() -> None:
     student, teacher = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
     dist_loss(student, teacher, 1.0).backward()
     assert teacher.grad is None and student.grad is not None
+
+
+
+@pytest.mark.parametrize(("b", "c", "tau"), CASES)
+def test_dist_relations_to_a_weighted_distribution(b: int, c: int, tau: float) -> None:
+    """ASIB's ``kd_loss: dist`` synergy term: inter-class relations weighted per sample, intra-class not."""
+    s32, s64 = pair(b, c, 13)
+    q = softmax64(logits(b, c, 14).double() / 1.5)
+    w = torch.rand(b, generator=torch.Generator().manual_seed(15)) + 0.5
+    inter, intra = dist_relations_to_distribution(s32, q.float(), tau, w)
+    p_s = softmax64(s64 / tau)
+    inter64 = ((1 - pearson64(p_s, q, dim=1)) * w.double()).sum() / w.double().sum()
+    intra64 = 1 - pearson64(p_s, q, dim=0).mean()
+    check_value_and_grad(tau**2 * (inter + intra), s32, tau**2 * (inter64 + intra64), s64)
+    plain = dist_relations_to_distribution(s32.detach(), q.float(), tau)
+    via_logits = dist_relations(s32.detach(), logits(b, c, 14) * (tau / 1.5), tau)  # same q from logits
+    assert [v.item() for v in plain] == pytest.approx([v.item() for v in via_logits], rel=1e-4, abs=1e-6)
 
 
 # ---------------------------------------------------------------- the methods in the engine

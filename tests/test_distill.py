@@ -17,10 +17,10 @@ from asib.engine.runtime import make_runtime
 from asib.errors import RecipeError, RunError
 from asib.methods import METHODS, build_method
 from asib.methods.asib import ASIB
-from asib.methods.losses import cross_entropy, dkd_loss, kd_loss_fn
-from asib.models import create_model
+from asib.methods.losses import cross_entropy, dist_loss, dist_relations_to_distribution, dkd_loss, kd_loss_fn
+from asib.models import create_model, synergy_target
 from asib.pipeline.distill import DistillTask
-from asib.recipe import DistillSpec, distill_for_method
+from asib.recipe import DistillSpec, distill_for_method, method_keys
 
 NUM_CLASSES = 5
 BASE = {"num_stages": 2, "student_epochs": 1, "teacher_adapt_epochs": 1, "batch_size": 16,
@@ -295,6 +295,32 @@ def test_synergy_kd_alpha_teaches_the_head_the_teachers_soft_predictions() -> No
     off = make_task(make_spec(ib=False, cccp=False)).m
     off.ib_mbm.train()
     assert off(at("A"), Batch(*XY))["syn_kd"].item() == 0
+
+
+
+def test_kd_loss_dist_puts_dist_relations_in_both_b_step_terms() -> None:
+    """``kd_loss: dist``: the teacher-average and synergy terms are DIST's relations at tau."""
+    spec = make_spec(kd_loss="dist", tau=2.0, ce_alpha=1.0, kd_alpha=0.4, kd_ens_alpha=0.6, disagreement="none")
+    d = make_task(spec).m.eval()
+    d.student.train()
+    torch.manual_seed(0)
+    terms = d(at("B"), Batch(*XY))
+    x, y = XY
+    with torch.no_grad():
+        t_bar = sum(t(x) for t in d.teachers) / 2
+        s = d.student(x)
+        torch.manual_seed(0)  # the bottleneck's noise of the synergy target, drawn as the B-step draws it
+        out = d.ib_mbm(d.student.features(x), [t.features(x) for t in d.teachers])
+        q = synergy_target(d.ib_mbm, d.synergy_head, out, 2.0, spec.ib_target_samples)
+    assert terms["kd"].item() == pytest.approx(dist_loss(s, t_bar, 2.0).item(), rel=1e-4)
+    ens = 4.0 * sum(dist_relations_to_distribution(s, q, 2.0))
+    assert terms["kd_ens"].item() == pytest.approx(float(ens), rel=1e-4)
+    expected = cross_entropy(s, y) + 0.4 * terms["kd"] + 0.6 * terms["kd_ens"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    kl = make_task(make_spec(tau=2.0, disagreement="none")).m.eval()
+    kl.student.train()
+    assert kl(at("B"), Batch(*XY))["kd"].item() == pytest.approx(kd_loss_fn(s, t_bar, 2.0).item(), rel=1e-4)
+    assert "kd_loss" in method_keys("asib") and "kd_loss" not in method_keys("dist")  # asib's knob alone
 
 
 def test_three_teachers_of_different_widths() -> None:

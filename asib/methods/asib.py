@@ -45,6 +45,8 @@ from asib.methods.losses import (
     cross_entropy,
     disagreement_share,
     disagreement_weights,
+    dist_relations,
+    dist_relations_to_distribution,
     ib_kl,
     kd_loss_fn,
     kd_to_distribution,
@@ -345,7 +347,8 @@ class ASIB(DistillMethod):
         return out_terms
 
     def b_step(self, ep: EpochPlan, batch: Batch) -> Terms:
-        """Student learns: CE + KD to the teacher average + weighted KD to the synergy target."""
+        """Student learns: CE + KD to the teacher average + weighted KD to the synergy target
+        (each KD term a tau^2 KL, or DIST's relation loss with ``kd_loss: dist``)."""
         spec, x = self.spec, batch.x
         h_s = self.student.features(x)
         s = self.student.head(h_s).float()
@@ -371,8 +374,14 @@ class ASIB(DistillMethod):
             w = disagreement_weights(t_logits, dominant_labels(batch), spec.disagreement, spec.lambda_high, spec.lambda_low)
         ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
         s_kd = self.kd_input(s)  # the student's logits as both KD terms' softmaxes take them
-        kd = kd_loss_fn(s_kd, self.kd_input(t_bar), tau)
-        kd_ens = weighted_mean(kd_to_distribution(s_kd, q, tau, reduction="none"), w)
+        if spec.kd_loss == "dist":  # DIST's relations (beta = gamma = 1) instead of the KL match
+            inter, intra = dist_relations(s_kd, self.kd_input(t_bar), tau)
+            kd = (tau * tau) * (inter + intra)
+            inter, intra = dist_relations_to_distribution(s_kd, q, tau, w)
+            kd_ens = (tau * tau) * (inter + intra)
+        else:
+            kd = kd_loss_fn(s_kd, self.kd_input(t_bar), tau)
+            kd_ens = weighted_mean(kd_to_distribution(s_kd, q, tau, reduction="none"), w)
         warm = self.kd_ramp(ep.phase_epoch)
         kd_a, ens_a = spec.kd_alpha, spec.kd_ens_alpha
         if not self.gate_open:  # synergy weaker than the weakest teacher: its weight moves to t_bar

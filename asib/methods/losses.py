@@ -294,10 +294,23 @@ def dist_relations(
     intra = 1 - mean_c pearson_i(p_s[:, c], p_t[:, c])  (each class's ranking of the samples).
     The teacher gets no gradient.
     """
-    p_s = F.softmax(student_logits.float() / temperature, dim=-1)
     p_t = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    inter = 1.0 - _pearson(p_s, p_t, dim=1).mean()
-    intra = 1.0 - _pearson(p_s, p_t, dim=0).mean()
+    return dist_relations_to_distribution(student_logits, p_t, temperature)
+
+
+def dist_relations_to_distribution(
+    student_logits: Tensor, q: Tensor, temperature: float | Tensor, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """DIST's relations toward a given target distribution ``q`` (B, C) (no gradient), fp32.
+
+    ``weights`` (B,), when given, weigh each sample's inter-class term (``weighted_mean``); the
+    intra-class term correlates whole columns of the batch, so it has no per-sample weight.
+    """
+    p_s = F.softmax(student_logits.float() / temperature, dim=-1)
+    q = q.detach().float()
+    per_sample = 1.0 - _pearson(p_s, q, dim=1)
+    inter = per_sample.mean() if weights is None else weighted_mean(per_sample, weights)
+    intra = 1.0 - _pearson(p_s, q, dim=0).mean()
     return inter, intra
 
 
