@@ -15,7 +15,9 @@
 #
 # B is yardstick B (recipes/study/fmnist_transfer.yaml: 5,500 transfer images), A is yardstick A
 # (recipes/study/fmnist_full.yaml: 55,000). JOBS runs at once (default 2, one thread each);
-# SEEDS (default 0-4). STUDENT=ARCH runs a step for a second student (the study's: shufflev2) in
+# SEEDS (default 0-4). METHODS=a,b runs the baselines or final step for those methods only (the
+# others' runs are kept and added by a later call), e.g. METHODS=dist scripts/study.sh baselines B.
+# STUDENT=ARCH runs a step for a second student (the study's: shufflev2) in
 # runs/study/<yardstick>/<step>-ARCH, e.g. STUDENT=shufflev2 scripts/study.sh lr B.
 set -euo pipefail
 ASIB=${ASIB:-asib}  # e.g. ASIB="python -m asib"
@@ -45,8 +47,16 @@ compare() {  # compare YARDSTICK STEP ARGS...; STUDENT=ARCH: the same step for a
 }
 
 BASELINES=ce,avg_kd,dkd,ca_mkd,dist
-TUNE=(--tune avg_kd:tau=1,2,4 --tune ca_mkd:tau=1,2,4 --tune dist:tau=1,2,4,8
-      --tune dkd:tau=1,4 --tune dkd:dkd.beta=2,8)
+TUNE_ALL=(avg_kd:tau=1,2,4 ca_mkd:tau=1,2,4 dist:tau=1,2,4,8 dkd:tau=1,4 dkd:dkd.beta=2,8)
+
+methods_and_tunes() {  # methods_and_tunes DEFAULT_METHODS: --methods (METHODS if set) and their --tune grids
+  local methods=${METHODS:-$1} grid
+  echo --methods "$methods"
+  for grid in "${TUNE_ALL[@]}"; do
+    [[ ",$methods," == *",${grid%%:*},"* ]] && echo --tune "$grid"
+  done
+  return 0
+}
 
 case "${1:-}" in
   data)
@@ -63,7 +73,8 @@ case "${1:-}" in
     ;;
   baselines)
     lr=$(chosen_lr "$2")
-    compare "$2" main --set "distill.student_optim.lr=$lr" --methods "$BASELINES" --seeds "$SEEDS" "${TUNE[@]}"
+    # shellcheck disable=SC2046  # the methods and grids are single words
+    compare "$2" main --set "distill.student_optim.lr=$lr" --seeds "$SEEDS" $(methods_and_tunes "$BASELINES")
     ;;
   search)
     # ASIB's validation search, one stage at a time from the recipe's settings: each stage adds
@@ -75,7 +86,8 @@ case "${1:-}" in
     ;;
   final)
     lr=$(chosen_lr "$2")
-    compare "$2" main --set "distill.student_optim.lr=$lr" --methods "$BASELINES,asib" --seeds "$SEEDS" "${TUNE[@]}"
+    # shellcheck disable=SC2046
+    compare "$2" main --set "distill.student_optim.lr=$lr" --seeds "$SEEDS" $(methods_and_tunes "$BASELINES,asib")
     ;;
   snapshot)
     # Every run's recipe.yaml, summary.json and metrics.jsonl and every study's compare.* files:
@@ -101,7 +113,7 @@ case "${1:-}" in
     mkdir -p runs/study && cp -rn studies/fmnist/A studies/fmnist/B runs/study/ 2>/dev/null || true
     ;;
   *)
-    sed -n '2,19p' "$0"
+    sed -n '2,21p' "$0"
     exit 2
     ;;
 esac
