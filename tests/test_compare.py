@@ -149,6 +149,18 @@ def test_dry_run_lists_what_is_left_and_resumes_what_stopped(prepared: Path) -> 
     (stopped / "train_state.safetensors").write_bytes(b"")  # a saved train state: resume it
     r = invoke(*args, "--dry-run")
     assert "--resume" in r.output
+    # --collect tabulates what finished and starts nothing
+    stamp = {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file() and out / "runs" in p.parents}
+    r = invoke(*args, "--collect", "--table-only")
+    assert r.exit_code == 0, r.output
+    assert "1 of 4 runs not finished" in r.output and "95%" in r.output
+    arms = {a["arm"]: a for a in json.loads((out / "compare.json").read_text())["arms"]}
+    assert arms["asib"]["test"]["n"] == 1 and arms["ce"]["test"]["n"] == 2
+    assert {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file() and out / "runs" in p.parents} == stamp
+    r = invoke(*args, "--collect", "--dry-run")
+    assert r.exit_code == 2 and "give one" in r.output
+    r = invoke("compare", recipe, "--methods", "ce", "--seeds", "0", "--out", out.parent / "none", "--collect")
+    assert r.exit_code == 1 and "no study folder" in r.output
 
 
 def test_a_changed_recipe_is_not_mixed_into_a_study(prepared: Path, tmp_path: Path) -> None:

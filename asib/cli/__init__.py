@@ -61,6 +61,7 @@ EXAMPLES = {
     "compare": _examples(
         "asib compare fashion_mnist --methods ce,avg_kd,asib --seeds 0-4 --tune avg_kd:tau=1,2,4",
         "asib compare digits --methods ce,kd --seeds 0-2 --dry-run",
+        "asib compare digits --methods ce,kd --seeds 0-2 --collect",
     ),
 }
 

@@ -38,6 +38,10 @@ def compare(
         int | None, typer.Option("--threads", help="CPU threads per run (default: the cores shared among the jobs)")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the runs' commands, one a line, and run nothing")] = False,
+    collect: Annotated[
+        bool, typer.Option("--collect", help="start nothing: write the table from the runs that have finished (runs"
+                           " made from --dry-run's commands elsewhere, or a study under way)")
+    ] = False,
     table_only: Annotated[bool, typer.Option("--table-only", help="no plot")] = False,
 ) -> None:
     """Run every method and variant at every seed as an ordinary `asib distill` run under one study folder
@@ -61,7 +65,8 @@ def compare(
     def say(line: str) -> None:
         console.print(printable(line), markup=False, highlight=False)
 
-    result = run_compare(spec, folder, jobs=jobs, threads=threads, dry_run=dry_run, plots=not table_only, say=say)
+    result = run_compare(spec, folder, jobs=jobs, threads=threads, dry_run=dry_run, collect_only=collect,
+                         plots=not table_only, say=say)
     if dry_run:
         return
     console.print("")

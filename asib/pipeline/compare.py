@@ -549,16 +549,24 @@ def compare(
     jobs: int = 1,
     threads: int | None = None,
     dry_run: bool = False,
+    collect_only: bool = False,
     plots: bool = True,
     say: Callable[[str], None] = print,
 ) -> CompareResult:
-    """Run (or, with ``dry_run``, list) every tuning run, then every arm x seed; then the answer."""
+    """Run (or, with ``dry_run``, list) every tuning run, then every arm x seed; then the answer.
+
+    ``collect_only``: start nothing, and write the answer from the runs that have finished
+    (runs made elsewhere from ``dry_run``'s commands, or a study still under way)."""
     if jobs < 1:
         raise RecipeError([f"--jobs: at least 1 (given: {jobs})"])
+    if dry_run and collect_only:
+        raise RecipeError(["--dry-run and --collect: give one (--dry-run lists the runs, --collect tabulates them)"])
     study = Study(spec, folder)
     runner = Runner(Path(spec.recipe), jobs, threads, say)
     if dry_run:
         return _dry_run(study, say)
+    if collect_only:
+        return _collect_only(study, plots, say)
     _check_teachers(spec)
     _write_spec(spec, folder)
     failed: list[str] = []
@@ -626,6 +634,18 @@ def _dry_run(study: Study, say: Callable[[str], None]) -> CompareResult:
     for line in lines:
         say(line)
     return CompareResult(study.folder, "", {}, [], [], pending=True)
+
+
+def _collect_only(study: Study, plots: bool, say: Callable[[str], None]) -> CompareResult:
+    if not study.folder.is_dir():
+        raise RunError(f"no study folder at {study.folder}", hint="give the --out of the study to collect")
+    runs = study.tune_runs() + (study.seed_runs() or [])
+    left = _todo(study, runs)  # refuses folders of another recipe, as a run would
+    if study.seed_runs() is None:
+        say("tuning is not finished: the tuned arms have no seed runs yet")
+    if left:
+        say(f"{len(left)} of {len(runs)} runs not finished: the table counts the finished ones")
+    return _finish(study, [], plots, say)
 
 
 # ------------------------------------------------------------------ the answer
