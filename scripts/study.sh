@@ -8,7 +8,8 @@
 #   scripts/study.sh baselines B         # ce, avg_kd, dkd, ca_mkd, dist: knobs tuned on validation
 #                                        # (seed 0), then SEEDS at the chosen values
 #   scripts/study.sh search B --variant NAME:key=value,...   # ASIB's validation search (seed 0)
-#   scripts/study.sh final B             # ASIB (the recipe's settings) added to the baselines' study
+#   scripts/study.sh final B             # ASIB (its shipped defaults) added to the baselines' study,
+#                                        # paired against AGAINST (default dist, the best tuned baseline)
 #   scripts/study.sh snapshot            # copy what the study found (no weights) into studies/fmnist/
 #   scripts/study.sh restore             # put studies/fmnist/ back under runs/ (teachers included), so
 #                                        # a study started on another machine continues where it stopped
@@ -87,7 +88,8 @@ case "${1:-}" in
   final)
     lr=$(chosen_lr "$2")
     # shellcheck disable=SC2046
-    compare "$2" main --set "distill.student_optim.lr=$lr" --seeds "$SEEDS" $(methods_and_tunes "$BASELINES,asib")
+    compare "$2" main --set "distill.student_optim.lr=$lr" --seeds "$SEEDS" --against "${AGAINST:-dist}" \
+      $(methods_and_tunes "$BASELINES,asib")
     ;;
   snapshot)
     # Every run's recipe.yaml, summary.json and metrics.jsonl and every study's compare.* files:
@@ -113,7 +115,7 @@ case "${1:-}" in
     mkdir -p runs/study && cp -rn studies/fmnist/A studies/fmnist/B runs/study/ 2>/dev/null || true
     ;;
   *)
-    sed -n '2,21p' "$0"
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'
     exit 2
     ;;
 esac

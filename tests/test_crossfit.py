@@ -174,7 +174,7 @@ def test_a_step_path_gradient_is_that_of_its_own_images() -> None:
 
 
 def test_b_step_target_of_each_image_comes_from_the_other_fold_path() -> None:
-    task = crossfit_task(synergy_target="mu", kd_alpha=0.0, ce_alpha=0.0)
+    task = crossfit_task(synergy_target="mu", kd_alpha=0.0, ce_alpha=0.0, kd_loss="kl")
     m = task.m
     ep = first(task, "B")
     task.begin_epoch(ep)

@@ -292,7 +292,7 @@ def test_synergy_kd_alpha_teaches_the_head_the_teachers_soft_predictions() -> No
         t_bar = sum(t(XY[0]) for t in d.teachers) / 2
     assert terms["syn_kd"].item() == pytest.approx(kd_loss_fn(g, t_bar, 2.0).item(), rel=1e-4)
     assert terms["loss"].item() == pytest.approx((terms["syn_ce"] + 0.5 * terms["syn_kd"]).item(), rel=1e-5)
-    off = make_task(make_spec(ib=False, cccp=False)).m
+    off = make_task(make_spec(ib=False, cccp=False, synergy_kd_alpha=0.0)).m
     off.ib_mbm.train()
     assert off(at("A"), Batch(*XY))["syn_kd"].item() == 0
 
@@ -317,7 +317,7 @@ def test_kd_loss_dist_puts_dist_relations_in_both_b_step_terms() -> None:
     assert terms["kd_ens"].item() == pytest.approx(float(ens), rel=1e-4)
     expected = cross_entropy(s, y) + 0.4 * terms["kd"] + 0.6 * terms["kd_ens"]
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    kl = make_task(make_spec(tau=2.0, disagreement="none")).m.eval()
+    kl = make_task(make_spec(tau=2.0, disagreement="none", kd_loss="kl")).m.eval()
     kl.student.train()
     assert kl(at("B"), Batch(*XY))["kd"].item() == pytest.approx(kd_loss_fn(s, t_bar, 2.0).item(), rel=1e-4)
     assert "kd_loss" in method_keys("asib") and "kd_loss" not in method_keys("dist")  # asib's knob alone
@@ -333,7 +333,7 @@ def test_three_teachers_of_different_widths() -> None:
 
 
 def test_ib_off_gives_no_kl_weight() -> None:
-    d = make_task(make_spec(ib=False, cccp=False)).m
+    d = make_task(make_spec(ib=False, cccp=False, synergy_kd_alpha=0.0)).m
     d.ib_mbm.train()
     terms = d(at("A"), Batch(*XY))
     assert float(terms["beta"]) == 0

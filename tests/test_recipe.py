@@ -36,7 +36,9 @@ def test_defaults_and_paths(tmp_path: Path) -> None:
     assert r.run_dir == Path("runs/r")
     assert r.data_dir == Path("data/r")
     assert r.teacher_checkpoint(r.teachers[0]) == Path("runs/r/teachers/a/model.safetensors")
-    assert r.distill.ce_alpha == 0.3 and r.distill.tau == 4.0
+    d = r.distill  # ASIB's shipped defaults (README, "The study")
+    assert (d.ce_alpha, d.kd_alpha, d.kd_ens_alpha, d.tau) == (1.0, 0.5, 0.5, 4.0)
+    assert d.kd_loss == "dist" and d.synergy_kd_alpha == 1.0 and d.synergy_crossfit is False
 
 
 def test_unknown_key_gets_path_and_suggestion(tmp_path: Path) -> None:
