@@ -45,7 +45,7 @@ from asib.methods.losses import (
     cross_entropy,
     disagreement_share,
     disagreement_weights,
-    dist_relations,
+    dist_loss,
     dist_relations_to_distribution,
     ib_kl,
     kd_loss_fn,
@@ -375,8 +375,7 @@ class ASIB(DistillMethod):
         ce = cross_entropy(s, batch.y, spec.label_smoothing, batch.y2, batch.lam)
         s_kd = self.kd_input(s)  # the student's logits as both KD terms' softmaxes take them
         if spec.kd_loss == "dist":  # DIST's relations (beta = gamma = 1) instead of the KL match
-            inter, intra = dist_relations(s_kd, self.kd_input(t_bar), tau)
-            kd = (tau * tau) * (inter + intra)
+            kd = dist_loss(s_kd, self.kd_input(t_bar), tau)
             inter, intra = dist_relations_to_distribution(s_kd, q, tau, w)
             kd_ens = (tau * tau) * (inter + intra)
         else:
