@@ -76,8 +76,9 @@ def make_recipe(root: Path, name: str) -> dict[str, Any]:
         "student": {"arch": "ddp_tiny"},
         "distill": {
             "num_stages": 1, "student_epochs": 1, "teacher_adapt_epochs": 1, "batch_size": 16, "augment": NO_AUG,
-            # Deterministic fusion (no IB noise, no dropout) and per-sample-mean losses only.
-            "ib": False, "synergy_target": "mu", "disagreement": "none",
+            # Deterministic fusion (no IB noise, no dropout) and per-sample-mean losses only (KL
+            # KD: DIST's intra-class relation spans the batch each process sees, docs/distributed.md).
+            "ib": False, "synergy_target": "mu", "disagreement": "none", "kd_loss": "kl",
             "ib_mbm": {"dim": 16, "heads": 2, "dropout": 0.0, "head_dropout": 0.0},
         },
     }
