@@ -246,8 +246,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dist": {"ce_alpha": 1.0, "tau": 1.0},
     # ASIB's shipped defaults: the configuration its validation search chose on the study's
     # yardstick B (README, "The study"): DIST's balance of CE and KD, KD split between the teacher
-    # average and the synergy target (kd_loss, kd_ens_alpha and synergy_kd_alpha: field defaults).
-    "asib": {"ce_alpha": 1.0, "kd_alpha": 0.5},
+    # average and the synergy target (kd_alpha, kd_ens_alpha, kd_loss, synergy_kd_alpha: field defaults).
+    "asib": {"ce_alpha": 1.0},
 }
 
 
@@ -285,7 +285,7 @@ class DistillSpec(Spec):
 
     Which keys a method reads is ``method_keys(method)``; ``ce_alpha`` and ``kd_alpha`` default
     per method (``METHOD_DEFAULTS``: kd, avg_kd and ca_mkd put 0.7 on KD, dkd and dist 1.0 on CE;
-    dist's tau is 1; asib puts 1.0 on CE and 0.5 on KD toward the teacher average).
+    dist's tau is 1; asib puts 1.0 on CE).
     """
 
     method: str = Field(
@@ -322,7 +322,7 @@ class DistillSpec(Spec):
     )
     ce_alpha: float = Field(0.3, ge=0, description="weight of the student's CE (asib, dkd, dist: 1.0)")
     kd_alpha: float = Field(
-        0.35, ge=0, description="KD toward the teacher average (asib: 0.5; kd, avg_kd: 0.7); ca_mkd: weighted KD (0.7)"
+        0.5, ge=0, description="KD toward the teacher average (kd, avg_kd: 0.7); ca_mkd: weighted KD (0.7)"
     )
     kd_ens_alpha: float = Field(0.5, ge=0, description="KD toward the synergy ensemble")
     kd_warmup_epochs: int = Field(0, ge=0, le=MAX_EPOCHS)

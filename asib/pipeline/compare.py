@@ -639,9 +639,10 @@ def _dry_run(study: Study, say: Callable[[str], None]) -> CompareResult:
 def _collect_only(study: Study, plots: bool, say: Callable[[str], None]) -> CompareResult:
     if not study.folder.is_dir():
         raise RunError(f"no study folder at {study.folder}", hint="give the --out of the study to collect")
-    runs = study.tune_runs() + (study.seed_runs() or [])
+    seeds = study.seed_runs()
+    runs = study.tune_runs() + (seeds or [])
     left = _todo(study, runs)  # refuses folders of another recipe, as a run would
-    if study.seed_runs() is None:
+    if seeds is None:
         say("tuning is not finished: the tuned arms have no seed runs yet")
     if left:
         say(f"{len(left)} of {len(runs)} runs not finished: the table counts the finished ones")
