@@ -234,7 +234,7 @@ METHOD_KEYS: dict[str, frozenset[str]] = {
         "kd_ens_alpha", "teacher_adapt_epochs", "synergy_warmup_epochs", "teacher_optim", "synergy_label_smoothing",
         "ib", "ib_beta", "ib_beta_warmup_epochs", "ib_target_samples", "cccp", "cccp_alpha", "cccp_ramp_epochs",
         "synergy_target", "synergy_gate", "disagreement", "lambda_high", "lambda_low", "teacher_weights",
-        "teacher_freeze_schedule", "ib_mbm", "synergy_kd_alpha", "synergy_crossfit", "kd_loss",
+        "teacher_freeze_schedule", "ib_mbm", "synergy_kd_alpha", "synergy_crossfit", "synergy_residual", "kd_loss",
     },
 }
 # Loss weights whose default depends on the method (a missing key takes the method's value).
@@ -315,6 +315,11 @@ class DistillSpec(Spec):
         " images (index % 2); the B-step target of an image comes from the path that never trained on it, and"
         " outside the training split the synergy is the mean of both paths' logits (about twice the fusion"
         " module's parameters and time). Not with teacher blocks that train (teacher_freeze_schedule)"
+    )
+    synergy_residual: bool = Field(
+        False, description="the synergy logits are the teacher average's logits (of the synergy path's teachers,"
+        " with teacher_weights) plus the synergy head's output, whose last layer starts at zero: the synergy"
+        " starts as the teacher average and the A-step learns a correction to it"
     )
     kd_loss: Literal["kl", "dist"] = Field(
         "dist", description="asib's B-step KD terms, toward the teacher average and toward the synergy target:"

@@ -7,9 +7,12 @@
 #   scripts/study.sh lr B                # the CE student's learning rate on validation (seed 0)
 #   scripts/study.sh baselines B         # ce, avg_kd, dkd, ca_mkd, dist: knobs tuned on validation
 #                                        # (seed 0), then SEEDS at the chosen values
-#   scripts/study.sh search B --variant NAME:key=value,...   # ASIB's validation search (seed 0)
+#   scripts/study.sh search B --variant NAME:key=value,...   # ASIB's validation search (seed 0), in
+#                                        # runs/study/B/search (SEARCH_DIR=NAME: in runs/study/B/NAME)
 #   scripts/study.sh final B             # ASIB (its shipped defaults) added to the baselines' study,
 #                                        # paired against AGAINST (default dist, the best tuned baseline)
+#   scripts/study.sh transfer A          # yardstick A at the values B's validation chose (CE's lr, each
+#                                        # baseline's knobs as one-value grids), paired against AGAINST
 #   scripts/study.sh snapshot            # copy what the study found (no weights) into studies/fmnist/
 #   scripts/study.sh restore             # put studies/fmnist/ back under runs/ (teachers included), so
 #                                        # a study started on another machine continues where it stopped
@@ -83,13 +86,39 @@ case "${1:-}" in
     y=$2
     lr=$(chosen_lr "$y")
     shift 2
-    compare "$y" search --set "distill.student_optim.lr=$lr" --methods asib --seeds 0 --against asib "$@"
+    compare "$y" "${SEARCH_DIR:-search}" --set "distill.student_optim.lr=$lr" --methods asib --seeds 0 --against asib "$@"
     ;;
   final)
     lr=$(chosen_lr "$2")
     # shellcheck disable=SC2046
     compare "$2" main --set "distill.student_optim.lr=$lr" --seeds "$SEEDS" --against "${AGAINST:-dist}" \
       $(methods_and_tunes "$BASELINES,asib")
+    ;;
+  transfer)
+    # A yardstick run at the knobs yardstick B's validation chose, where tuning again is out of
+    # reach (a yardstick-A run costs about ten yardstick-B runs on a CPU): CE's lr, and each
+    # baseline's chosen value as a one-value grid (its seed-0 run is that grid's only candidate).
+    lr=$(chosen_lr B)
+    file=runs/study/B/main/compare.json
+    [ -f "$file" ] || { echo "run 'scripts/study.sh baselines B' first" >&2; exit 1; }
+    methods=${METHODS:-$BASELINES,asib}
+    # shellcheck disable=SC2207  # one word a grid
+    grids=($("$PY" -c '
+import json, sys
+methods = sys.argv[2].split(",")
+for arm in json.load(open(sys.argv[1]))["arms"]:
+    tuned = arm.get("tuned")
+    if arm["arm"] in methods and tuned:
+        print(arm["arm"] + ":" + "+".join(f"{k}={v}" for k, v in tuned["values"].items()))
+' "$file" "$methods"))
+    tunes=()
+    for g in "${grids[@]}"; do
+      arm=${g%%:*}
+      IFS=+ read -r -a kvs <<<"${g#*:}"
+      for kv in "${kvs[@]}"; do tunes+=(--tune "$arm:$kv"); done
+    done
+    compare "$2" main --set "distill.student_optim.lr=$lr" --seeds "$SEEDS" --against "${AGAINST:-dist}" \
+      --methods "$methods" "${tunes[@]}" "${@:3}"
     ;;
   snapshot)
     # Every run's recipe.yaml, summary.json and metrics.jsonl and every study's compare.* files:

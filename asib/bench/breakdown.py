@@ -46,9 +46,11 @@ def breakdown(setting: Setting, cfg: BenchConfig, meter: MemoryMeter) -> dict[st
             continue
         task.begin_epoch(ep)
         with torch.no_grad(), runtime.autocast(), runtime.inference_precision():
-            feats = frozen_outputs(d.synergy_teachers, batches[0].x)[0]
+            feats, logits = frozen_outputs(d.synergy_teachers, batches[0].x)
             h_s = d.student.features(batches[0].x)
+            base = d.synergy_base(logits)
         feats = [f.clone() for f in feats]  # inference tensors cannot be saved for the fusion's backward
+        base = None if base is None else base.clone()
         parts: dict[str, Step] = {"data": _data_part(loader)}
         for spec_t, t in zip(recipe.teachers, d.synergy_teachers, strict=True):
             if phase == "A" and any(p.requires_grad for p in t.parameters()):
@@ -59,11 +61,11 @@ def breakdown(setting: Setting, cfg: BenchConfig, meter: MemoryMeter) -> dict[st
                 parts[f"teacher {spec_t.name} forward, fp32 (reference)"] = _teacher_fp32(t, runtime)
         if phase == "A":
             parts["student forward (no grad)"] = _student_fwd(d.student, runtime)
-            parts["fusion forward+backward"] = _fusion_a(d, h_s, feats, runtime)
+            parts["fusion forward+backward"] = _fusion_a(d, h_s, feats, base, runtime)
             parts["optimizer (teacher side)"] = _opt_step(task.optimizers["A"], task.schedulers["A"])
         else:
             parts["student forward+backward"] = _fwd_bwd(d.student, runtime, recipe.distill.label_smoothing)
-            parts["fusion forward + synergy target"] = _fusion_b(d, h_s, feats, runtime)
+            parts["fusion forward + synergy target"] = _fusion_b(d, h_s, feats, base, runtime)
             parts["optimizer (student)"] = _opt_step(task.optimizers["B"], task.schedulers["B"])
         out[f"asib {phase}-step"] = _ms(measure(parts, batches, cfg, runtime.device, meter))
     return out
@@ -140,7 +142,8 @@ def _student_fwd(student: nn.Module, runtime: Runtime) -> Step:
     return step
 
 
-def _fusion_a(d: ASIB, h_s: torch.Tensor, feats: list[torch.Tensor], runtime: Runtime) -> Step:
+def _fusion_a(d: ASIB, h_s: torch.Tensor, feats: list[torch.Tensor], base: torch.Tensor | None,
+              runtime: Runtime) -> Step:
     """IB_MBM + synergy head forward, CE + KL, backward: the A-step's trainable part."""
     from asib.methods.losses import cross_entropy, ib_kl
 
@@ -149,13 +152,14 @@ def _fusion_a(d: ASIB, h_s: torch.Tensor, feats: list[torch.Tensor], runtime: Ru
         d.synergy_head.zero_grad(set_to_none=True)
         with runtime.autocast():
             out = d.ib_mbm(h_s, feats)
-            g = d.synergy_head(out.z).float()
+            g = d.synergy_head(out.z, base).float()
         (cross_entropy(g, batch.y) + d.spec.ib_beta * ib_kl(out.mu, out.logvar)).backward()
 
     return step
 
 
-def _fusion_b(d: ASIB, h_s: torch.Tensor, feats: list[torch.Tensor], runtime: Runtime) -> Step:
+def _fusion_b(d: ASIB, h_s: torch.Tensor, feats: list[torch.Tensor], base: torch.Tensor | None,
+              runtime: Runtime) -> Step:
     """IB_MBM forward and the noise-averaged synergy target, without gradients."""
     from asib.models import synergy_target
 
@@ -164,6 +168,7 @@ def _fusion_b(d: ASIB, h_s: torch.Tensor, feats: list[torch.Tensor], runtime: Ru
     def step(_batch: Batch) -> None:
         with torch.no_grad(), runtime.autocast():
             out = d.ib_mbm(h_s, feats)
-            synergy_target(d.ib_mbm, d.synergy_head, out, spec.tau, spec.ib_target_samples, mode=spec.synergy_target)
+            synergy_target(d.ib_mbm, d.synergy_head, out, spec.tau, spec.ib_target_samples, mode=spec.synergy_target,
+                           base=base)
 
     return step

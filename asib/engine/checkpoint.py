@@ -8,6 +8,7 @@ Nothing here unpickles anything.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +220,7 @@ def save_synergy(
     extra: dict[str, Any],
     adapted_teachers: list[dict[str, torch.Tensor]] | None = None,
     more_paths: list[tuple[nn.Module, nn.Module]] | None = None,
+    residual_weights: list[float] | None = None,
 ) -> Path:
     """Adapters + IB_MBM + head, the teacher and student checkpoints they are queried with,
     and, when teacher blocks were trained on the synergy path, the adapted teachers' weights
@@ -226,7 +228,10 @@ def save_synergy(
 
     ``more_paths``: further (IB_MBM, head) pairs of the same shapes (``synergy_crossfit``),
     stored as ``path{p}.ib_mbm.*`` and ``path{p}.head.*`` from p = 1; the header's
-    ``asib.synergy_paths`` counts them all, and the synergy is the mean of the paths' logits."""
+    ``asib.synergy_paths`` counts them all, and the synergy is the mean of the paths' logits.
+
+    ``residual_weights`` (``synergy_residual``): the heads add their output to the teachers'
+    logits averaged with these weights; the header's ``asib.synergy_residual`` keeps them."""
     tensors = {f"ib_mbm.{k}": v for k, v in ib_mbm.state_dict().items()}
     tensors.update({f"head.{k}": v for k, v in head.state_dict().items()})
     for p, (more_ib, more_head) in enumerate(more_paths or [], start=1):
@@ -246,6 +251,7 @@ def save_synergy(
         "asib.ib": spec.ib,
         "asib.adapted_teachers": adapted_teachers is not None,
         **({"asib.synergy_paths": 1 + len(more_paths)} if more_paths else {}),
+        **({"asib.synergy_residual": residual_weights} if residual_weights is not None else {}),
         **{f"asib.{k}": v for k, v in extra.items()},
     }
     return save_tensors(path, tensors, meta)
@@ -307,6 +313,21 @@ def _synergy_header(info: CheckpointInfo) -> tuple[list[str], str, int, list[int
     return teachers, student, query_dim, dims, spec, bool(info.json_field("ib")), adapted
 
 
+def synergy_residual_weights(info: CheckpointInfo) -> list[float] | None:
+    """The teacher weights of a residual synergy's base (``asib.synergy_residual``); None when
+    its heads are not residual (the field absent: files written before ``synergy_residual``)."""
+    weights = info.json_field("synergy_residual")
+    if weights is None:
+        return None
+    teachers = info.json_field("teachers")
+    ok = (isinstance(weights, list) and isinstance(teachers, list) and len(weights) == len(teachers)
+          and all(type(w) in (int, float) and math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0)
+    if not ok:
+        raise CheckpointError(f"{info.path}: asib.synergy_residual in its header is not one weight per teacher",
+                              hint=REWRITE_HINT)
+    return [float(w) for w in weights]
+
+
 def synergy_student_path(info: CheckpointInfo) -> Path:
     """The student checkpoint a synergy checkpoint is queried with: its header says the input
     size, normalisation and recipe the synergy was trained with (the synergy's own does not)."""
@@ -320,6 +341,7 @@ def load_synergy_predictor(info: CheckpointInfo, runtime: Any):
 
     base = info.path.parent
     teacher_refs, student_ref, query_dim, dims, ib_spec, ib, adapted = _synergy_header(info)
+    residual = synergy_residual_weights(info)
     tensors = load_tensors(info.path)
     teachers = []
     for k, ref in enumerate(teacher_refs):
@@ -332,7 +354,7 @@ def load_synergy_predictor(info: CheckpointInfo, runtime: Any):
     for p in range(synergy_paths(info)):
         prefix, which = ("", "") if p == 0 else (f"path{p}.", f" of path {p}")
         ib_mbm = IBMBM(query_dim, dims, ib_spec, ib=ib)
-        head = SynergyHead(ib_spec.dim, info.num_classes, ib_spec.head_dropout)
+        head = SynergyHead(ib_spec.dim, info.num_classes, ib_spec.head_dropout, residual=residual is not None)
         load_fitting(ib_mbm, _take(tensors, f"{prefix}ib_mbm."), info.path, f"its fusion module (ib_mbm){which}")
         load_fitting(head, _take(tensors, f"{prefix}head."), info.path, f"its synergy head{which}")
         paths.append((ib_mbm.to(runtime.device).eval(), head.to(runtime.device).eval()))
@@ -342,9 +364,13 @@ def load_synergy_predictor(info: CheckpointInfo, runtime: Any):
         with runtime.autocast():
             feats = [t.features(x) for t in teachers]
             h_s = student.features(x)
+            mean = None
+            if residual is not None:  # the teachers' logits, averaged in fp32 with the stored weights
+                total = sum(residual)
+                mean = sum((w / total) * t.head(f).float() for w, t, f in zip(residual, teachers, feats, strict=True))
             if len(paths) == 1:
                 ib_mbm, head = paths[0]
-                return head(ib_mbm(h_s, feats).mu)
-            return torch.stack([head(ib_mbm(h_s, feats).mu) for ib_mbm, head in paths]).mean(0)
+                return head(ib_mbm(h_s, feats).mu, mean)
+            return torch.stack([head(ib_mbm(h_s, feats).mu, mean) for ib_mbm, head in paths]).mean(0)
 
     return predict

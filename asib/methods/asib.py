@@ -225,11 +225,17 @@ class ASIB(DistillMethod):
     def synergy_logits(self, x: Tensor) -> Tensor:
         """Logits of the fused teachers queried by the student (the evaluable ensemble); with
         ``synergy_crossfit`` the mean of both paths' logits (as ``synergy.safetensors`` predicts)."""
-        feats, _ = frozen_outputs(self.synergy_teachers, x)
+        feats, logits = frozen_outputs(self.synergy_teachers, x)
+        base = self.synergy_base(logits)
         if self.ib_mbm1 is None:
-            return self.synergy_head(self.ib_mbm(self.student.features(x), feats).mu)
+            return self.synergy_head(self.ib_mbm(self.student.features(x), feats).mu, base)
         h_s = self.student.features(x)
-        return torch.stack([head(ib_mbm(h_s, feats).mu) for ib_mbm, head in self.fusion_paths()]).mean(0)
+        return torch.stack([head(ib_mbm(h_s, feats).mu, base) for ib_mbm, head in self.fusion_paths()]).mean(0)
+
+    def synergy_base(self, logits: Sequence[Tensor]) -> Tensor | None:
+        """With ``synergy_residual``, what the synergy head corrects: the average of the synergy
+        path's teachers' logits (``teacher_weights``); None otherwise."""
+        return teacher_average(logits, self.spec.teacher_weights) if self.spec.synergy_residual else None
 
     def folds(self, batch: Batch) -> Tensor:
         """Each image's fold (its index in the training split, mod 2) under ``synergy_crossfit``."""
@@ -247,15 +253,19 @@ class ASIB(DistillMethod):
     def forward(self, ep: EpochPlan, batch: Batch) -> Terms:
         return self.a_step(ep, batch) if ep.phase == "A" else self.b_step(ep, batch)
 
-    def _fusion_features(self, x: Tensor) -> list[Tensor]:
-        """The synergy path's teacher features; gradients reach the blocks that train."""
-        feats = []
+    def _fusion_outputs(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """The synergy path's teacher features and logits; gradients reach the blocks that train."""
+        feats, logits = [], []
         for teacher in self.synergy_teachers:
             if torch.is_grad_enabled() and any(p.requires_grad for p in teacher.parameters()):
-                feats.append(teacher.features(x))
+                h = teacher.features(x)
+                feats.append(h)
+                logits.append(teacher.head(h))
             else:
-                feats.append(frozen_outputs([teacher], x)[0][0])
-        return feats
+                (h,), (t,) = frozen_outputs([teacher], x)
+                feats.append(h)
+                logits.append(t)
+        return feats, logits
 
     def a_step(self, ep: EpochPlan, batch: Batch) -> Terms:
         """Teacher side learns: CE on synergy logits + beta * KL_IB (+ CCCP coupling, + KD toward
@@ -267,8 +277,10 @@ class ASIB(DistillMethod):
         t_logits: list[Tensor] = []
         if self.fusion_teachers is None:  # one forward gives the fusion's features and the teachers' logits
             feats, t_logits = frozen_outputs(self.teachers, batch.x)
+            base = self.synergy_base(t_logits)
         else:
-            feats = self._fusion_features(batch.x)
+            feats, fusion_logits = self._fusion_outputs(batch.x)
+            base = self.synergy_base(fusion_logits)
             if spec.synergy_kd_alpha > 0:
                 t_logits = self.teacher_logits(batch.x)
         ce_only = ep.stage == 0 and ep.stage_epoch < spec.synergy_warmup_epochs
@@ -278,9 +290,9 @@ class ASIB(DistillMethod):
         if spec.cccp and ep.stage >= 1 and not ce_only:
             cccp_w = spec.effective_cccp_alpha * cccp_ramp(ep.phase_epoch - self.first_stage_a_epochs, spec)
         if self.ib_mbm1 is not None:
-            return self._a_step_crossfit(batch, h_s, s, feats, t_logits, beta, cccp_w, tau)
+            return self._a_step_crossfit(batch, h_s, s, feats, t_logits, base, beta, cccp_w, tau)
         out = self.ib_mbm(h_s, feats)
-        g = self.synergy_head(out.z).float()
+        g = self.synergy_head(out.z, base).float()
         ce = cross_entropy(g, batch.y, spec.synergy_label_smoothing, batch.y2, batch.lam)
         kl = ib_kl(out.mu, out.logvar)
         if cccp_w > 0:
@@ -307,7 +319,7 @@ class ASIB(DistillMethod):
 
     def _a_step_crossfit(
         self, batch: Batch, h_s: Tensor, s: Tensor, feats: list[Tensor], t_logits: list[Tensor],
-        beta: float, cccp_w: float, tau: float,
+        base: Tensor | None, beta: float, cccp_w: float, tau: float,
     ) -> Terms:
         """The A-step with two paths: each term per sample, path k's loss the mean over the
         batch's images of fold k only (0 when the batch has none), so path k never learns from
@@ -319,7 +331,7 @@ class ASIB(DistillMethod):
         per_path: list[dict[str, Tensor]] = []
         for k, (ib_mbm, head) in enumerate(self.fusion_paths()):
             out = ib_mbm(h_s, feats)
-            g = head(out.z).float()
+            g = head(out.z, base).float()
             zeros = torch.zeros(g.shape[0], device=g.device)
             terms = {
                 "ce": cross_entropy(g, batch.y, spec.synergy_label_smoothing, batch.y2, batch.lam, reduction="none"),
@@ -355,14 +367,16 @@ class ASIB(DistillMethod):
         tau = self.tau_at(ep.phase_epoch)
         with torch.no_grad():
             feats, t_logits = frozen_outputs(self.teachers, x)
+            fusion_logits = t_logits
             if self.fusion_teachers is not None:  # adapted copies on the synergy path, originals for the rest
-                feats = frozen_outputs(self.fusion_teachers, x)[0]
+                feats, fusion_logits = frozen_outputs(self.fusion_teachers, x)
+            base = self.synergy_base(fusion_logits)
             targets = []
             for ib_mbm, head in self.fusion_paths():
                 out = ib_mbm(h_s.detach(), feats)
                 q = synergy_target(
                     ib_mbm, head, out, tau, spec.ib_target_samples, mode=spec.synergy_target,
-                    standardize=standardize_logits if spec.logit_standardization else None,
+                    standardize=standardize_logits if spec.logit_standardization else None, base=base,
                 )
                 targets.append({"q": q, "attn": out.attn})
             if len(targets) == 2:  # cross-fitted: an image of fold k takes path 1 - k's target
@@ -417,7 +431,15 @@ class ASIB(DistillMethod):
         save_synergy(
             where.folder / SYNERGY_FILE, self.ib_mbm, self.synergy_head, where.teacher_paths, where.student,
             self.spec, {"epoch": where.epoch}, adapted_teachers=adapted, more_paths=self.fusion_paths()[1:] or None,
+            residual_weights=self._residual_weights(),
         )
+
+    def _residual_weights(self) -> list[float] | None:
+        """``synergy_residual``: the normalised teacher weights of the base the head corrects."""
+        if not self.spec.synergy_residual:
+            return None
+        weights = self.spec.teacher_weights or [1.0] * len(self.teachers)
+        return [float(w) / float(sum(weights)) for w in weights]
 
     def test_figures(self, folder: Path, test: InMemoryLoader, num_classes: int) -> dict[str, Any]:
         """The synergy ensemble as saved (its adapted teacher blocks included), on the test split."""

@@ -109,16 +109,37 @@ class IBMBM(nn.Module):
 
 
 class SynergyHead(nn.Module):
-    """G: the fused latent (width D) to class logits; LayerNorm, GELU, Dropout, Linear."""
+    """G: the fused latent (width D) to class logits; LayerNorm, GELU, Dropout, Linear.
 
-    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0) -> None:
+    ``residual``: G's output is a correction added to ``base`` (the teacher average's logits,
+    given at each call) and its last layer starts at zero, so the synergy starts as the teacher
+    average and the A-step learns what to change. ``base`` has one row per image; for a latent
+    of ``S * B`` rows (S noise samples of B images, sample-major) it is tiled S times.
+    """
+
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0, residual: bool = False) -> None:
         super().__init__()
+        self.residual = residual
         self.net = nn.Sequential(
             nn.LayerNorm(dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, num_classes)
         )
+        if residual:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
+    def forward(self, z: Tensor, base: Tensor | None = None) -> Tensor:
+        out = self.net(z)
+        if not self.residual:
+            if base is not None:
+                raise ValueError("this synergy head is not residual: it takes no base logits")
+            return out
+        if base is None:
+            raise ValueError("a residual synergy head needs the teacher average's logits (base)")
+        rows = z.shape[0] // max(base.shape[0], 1)
+        if base.shape[0] == 0 or rows * base.shape[0] != z.shape[0] or base.shape[1:] != out.shape[1:]:
+            raise ValueError(f"base logits {tuple(base.shape)} do not fit a latent of {z.shape[0]} rows "
+                             f"and {out.shape[-1]} classes")
+        return out + (base if rows == 1 else base.repeat(rows, 1))
 
 
 def build_ib_mbm_from_teachers(
@@ -145,7 +166,7 @@ def build_ib_mbm_from_teachers(
         spec=spec.ib_mbm,
         ib=spec.ib,
     )
-    head = SynergyHead(spec.ib_mbm.dim, num_classes, spec.ib_mbm.head_dropout)
+    head = SynergyHead(spec.ib_mbm.dim, num_classes, spec.ib_mbm.head_dropout, residual=spec.synergy_residual)
     return ib_mbm, head
 
 
@@ -159,6 +180,7 @@ def synergy_target(
     ib: bool | None = None,
     mode: Literal["noise_avg", "mu"] = "noise_avg",
     standardize: Callable[[Tensor], Tensor] | None = None,
+    base: Tensor | None = None,
 ) -> Tensor:
     """The B-step target q (B, C), in fp32: the bottleneck's predictive distribution.
 
@@ -167,7 +189,8 @@ def synergy_target(
     ``ib`` defaults to ``ib_mbm.ib``. Run with the head in eval mode. ``standardize``, when
     given, maps G's logits before the division by tau: ASIB passes
     ``asib.methods.losses.standardize_logits`` with ``distill.logit_standardization`` on (taken
-    as an argument because models sit below methods in the layout).
+    as an argument because models sit below methods in the layout). ``base``: the teacher
+    average's logits a residual head adds its output to (``SynergyHead``).
     """
     if mode not in ("noise_avg", "mu"):
         raise ValueError(f"synergy target mode must be 'noise_avg' or 'mu', got {mode!r}")
@@ -179,10 +202,13 @@ def synergy_target(
     def as_softmax_input(logits: Tensor) -> Tensor:
         return logits.float() if standardize is None else standardize(logits).float()
 
+    def g(latent: Tensor) -> Tensor:
+        return head(latent) if base is None else head(latent, base)
+
     if not use_ib or mode == "mu":
-        return F.softmax(as_softmax_input(head(mu)) / tau, dim=-1)
+        return F.softmax(as_softmax_input(g(mu)) / tau, dim=-1)
     num = int(samples)
     eps = torch.randn((num, *mu.shape), device=mu.device, dtype=mu.dtype)
     z = mu.unsqueeze(0) + torch.exp(0.5 * logvar).unsqueeze(0) * eps  # (S, B, D)
-    logits = as_softmax_input(head(z.reshape(num * mu.shape[0], -1))).reshape(num, mu.shape[0], -1)
+    logits = as_softmax_input(g(z.reshape(num * mu.shape[0], -1))).reshape(num, mu.shape[0], -1)
     return F.softmax(logits / tau, dim=-1).mean(dim=0)
