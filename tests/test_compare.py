@@ -123,6 +123,7 @@ def test_a_study_runs_tunes_on_val_and_pairs_by_seed(prepared: Path) -> None:
         assert arms["ce"]["test"]["values"][str(seed)] == summary["student_test_top1"]
     assert arms["ce"]["paired_test_vs_reference"]["n"] == 2
     assert "95%" in r.output and "avg_kd_hot" in r.output
+    assert data["selection"].startswith("tuned values chosen on the validation split (first seed(s));")
     # a second call runs nothing and gives the same answer
     stamp = {p: p.stat().st_mtime for p in out.rglob("summary.json")}
     again = invoke(*args)
@@ -130,6 +131,22 @@ def test_a_study_runs_tunes_on_val_and_pairs_by_seed(prepared: Path) -> None:
     assert "to run" not in again.output
     assert {p: p.stat().st_mtime for p in out.rglob("summary.json")} == stamp
     assert json.loads((out / "compare.json").read_text())["arms"] == data["arms"]
+
+
+def test_a_one_value_grid_is_said_to_be_given_not_chosen(prepared: Path) -> None:
+    from dataclasses import asdict
+
+    from asib.pipeline.compare import Figures, _selection, make_spec, markdown
+
+    given = make_spec(prepared, methods=["ce", "avg_kd"], seeds=[0], tune=["avg_kd:tau=4"])
+    assert _selection(given).startswith("every --tune grid holds one value: the values were given, not chosen")
+    mixed = make_spec(prepared, methods=["ce", "avg_kd"], seeds=[0], tune=["avg_kd:tau=4", "ce:label_smoothing=0,0.1"])
+    assert "(a one-value grid fixes its value)" in _selection(mixed)
+    empty = asdict(Figures.of({}))
+    arm = {"arm": "avg_kd", "method": "avg_kd", "test": empty, "val": empty, "synergy_test": None,
+           "paired_test_vs_reference": None, "tuned": {"chosen": "tau=4", "val_top1": {"tau=4": 90.0}}}
+    table = markdown({"reference": "avg_kd", "seeds": [0], "selection": _selection(given), "arms": [arm]})
+    assert "- avg_kd: **tau=4: 90.00** (one value given: nothing chosen)" in table
 
 
 def test_dry_run_lists_what_is_left_and_resumes_what_stopped(prepared: Path) -> None:

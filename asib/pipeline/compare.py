@@ -689,9 +689,19 @@ def collect(study: Study) -> dict[str, Any]:
         "seeds": spec.seeds,
         "pairing": "runs of one seed share the student's initial weights and the student's data order and "
                    "augmentations; differences are paired by seed",
-        "selection": f"tuned values chosen on the validation split ({spec.tune_seeds} seed(s)); the test split chose nothing",
+        "selection": _selection(spec),
         "arms": arms,
     }
+
+
+def _selection(spec: StudySpec) -> str:
+    """How the study's knobs were set, in one sentence (a one-value grid chooses nothing)."""
+    sizes = [len(grid) for by_arm in spec.tune.values() for grid in by_arm.values()]
+    if sizes and all(n == 1 for n in sizes):
+        return "every --tune grid holds one value: the values were given, not chosen here; the test split chose nothing"
+    fixed = " (a one-value grid fixes its value)" if 1 in sizes else ""
+    return (f"tuned values chosen on the validation split ({spec.tune_seeds} seed(s)){fixed}; "
+            "the test split chose nothing")
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -715,7 +725,8 @@ def markdown(data: dict[str, Any]) -> str:
         for a in tuned:
             parts = [f"**{k}: {_pct(v)}**" if k == a["tuned"]["chosen"] else f"{k}: {_pct(v)}"
                      for k, v in a["tuned"]["val_top1"].items()]
-            lines.append(f"- {a['arm']}: " + ", ".join(parts))
+            given = " (one value given: nothing chosen)" if len(parts) == 1 else ""
+            lines.append(f"- {a['arm']}: " + ", ".join(parts) + given)
     lines.append("")
     lines.append(f"Test and validation top-1 in percent, mean ± sample sd over seeds {data['seeds']}; "
                  f"differences paired by seed (same initial student and data order), 95% interval from the paired t "
