@@ -254,13 +254,15 @@ class ASIB(DistillMethod):
         return self.a_step(ep, batch) if ep.phase == "A" else self.b_step(ep, batch)
 
     def _fusion_outputs(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """The synergy path's teacher features and logits; gradients reach the blocks that train."""
+        """The synergy path's teacher features and logits (the trained blocks' logits only with
+        ``synergy_residual``, the one reader); gradients reach the blocks that train."""
         feats, logits = [], []
         for teacher in self.synergy_teachers:
             if torch.is_grad_enabled() and any(p.requires_grad for p in teacher.parameters()):
                 h = teacher.features(x)
                 feats.append(h)
-                logits.append(teacher.head(h))
+                if self.spec.synergy_residual:
+                    logits.append(teacher.head(h))
             else:
                 (h,), (t,) = frozen_outputs([teacher], x)
                 feats.append(h)
