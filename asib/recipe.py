@@ -85,6 +85,11 @@ class DataSpec(Spec):
         None, gt=0, description="after the validation split is carved, keep only this many of the training split"
         " (seeded, stratified): a smaller transfer set with the same validation and test splits"
     )
+    transfer_split: Literal["subset", "rest"] = Field(
+        "subset", description="with transfer_subset: keep the subset (the transfer set), or the rest of the"
+        " training split, so that teachers trained on the rest never see the transfer set of a recipe with the"
+        " same source, val_fraction, transfer_subset and split_seed"
+    )
     split_seed: int = Field(0, ge=-MAX_SEED, lt=MAX_SEED, description="seed of the train/val split and the subset")
     test_fraction: float | None = Field(
         None, gt=0.0, lt=1.0,
@@ -100,6 +105,12 @@ class DataSpec(Spec):
             raise ValueError(f"source {source} has its own test split; only imagefolder data without a test/"
                              " or val/ folder has one carved")
         return value
+
+    @model_validator(mode="after")
+    def _rest_of_a_subset(self) -> DataSpec:
+        if self.transfer_split == "rest" and self.transfer_subset is None:
+            raise ValueError("transfer_split 'rest' needs transfer_subset: the rest of which subset?")
+        return self
 
 
 # ---------------------------------------------------------------- training

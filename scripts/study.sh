@@ -4,6 +4,8 @@
 # by running it again (finished runs are kept, unfinished ones resumed).
 #
 #   scripts/study.sh data                # prepare yardsticks A and B, train the two teachers on A
+#   scripts/study.sh data H              # the held-out yardstick: the two teachers trained on the 49,500
+#                                        # training images B's transfer set leaves out, then H itself
 #   scripts/study.sh lr B                # the CE student's learning rate on validation (seed 0)
 #   scripts/study.sh baselines B         # ce, avg_kd, dkd, ca_mkd, dist: knobs tuned on validation
 #                                        # (seed 0), then SEEDS at the chosen values
@@ -12,13 +14,15 @@
 #   scripts/study.sh final B             # ASIB (its shipped defaults) added to the baselines' study,
 #                                        # paired against AGAINST (default dist, the best tuned baseline)
 #   scripts/study.sh transfer A          # yardstick A at the values B's validation chose (CE's lr, each
-#                                        # baseline's knobs as one-value grids), paired against AGAINST
+#                                        # baseline's knobs as one-value grids), paired against AGAINST;
+#                                        # the same for H (scripts/study.sh transfer H)
 #   scripts/study.sh snapshot            # copy what the study found (no weights) into studies/fmnist/
 #   scripts/study.sh restore             # put studies/fmnist/ back under runs/ (teachers included), so
 #                                        # a study started on another machine continues where it stopped
 #
 # B is yardstick B (recipes/study/fmnist_transfer.yaml: 5,500 transfer images), A is yardstick A
-# (recipes/study/fmnist_full.yaml: 55,000). JOBS runs at once (default 2, one thread each);
+# (recipes/study/fmnist_full.yaml: 55,000), H the held-out yardstick (recipes/study/fmnist_heldout.yaml:
+# B's transfer set, teachers that never saw it). JOBS runs at once (default 2, one thread each);
 # SEEDS (default 0-4). METHODS=a,b runs the baselines or final step for those methods only (the
 # others' runs are kept and added by a later call), e.g. METHODS=dist scripts/study.sh baselines B.
 # STUDENT=ARCH runs a step for a second student (the study's: shufflev2) in
@@ -33,7 +37,8 @@ recipe_of() {
   case "$1" in
     A) echo recipes/study/fmnist_full.yaml ;;
     B) echo recipes/study/fmnist_transfer.yaml ;;
-    *) echo "yardstick A or B, not '$1'" >&2; exit 2 ;;
+    H) echo recipes/study/fmnist_heldout.yaml ;;
+    *) echo "yardstick A, B or H, not '$1'" >&2; exit 2 ;;
   esac
 }
 
@@ -64,13 +69,15 @@ methods_and_tunes() {  # methods_and_tunes DEFAULT_METHODS: --methods (METHODS i
 
 case "${1:-}" in
   data)
-    $ASIB prepare-data recipes/study/fmnist_full.yaml || true   # refuses to overwrite a prepared folder
+    teachers_of=fmnist_full students=(fmnist_transfer)
+    [ "${2:-}" = H ] && teachers_of=fmnist_rest students=(fmnist_heldout)
+    $ASIB prepare-data "recipes/study/$teachers_of.yaml" || true   # refuses to overwrite a prepared folder
     for t in resnet20 mobilenetv2; do
-      [ -f "runs/fmnist_full/teachers/$t/summary.json" ] ||
-        $ASIB finetune-teacher recipes/study/fmnist_full.yaml --teacher "$t" --resume ||
-        $ASIB finetune-teacher recipes/study/fmnist_full.yaml --teacher "$t"
+      [ -f "runs/$teachers_of/teachers/$t/summary.json" ] ||
+        $ASIB finetune-teacher "recipes/study/$teachers_of.yaml" --teacher "$t" --resume ||
+        $ASIB finetune-teacher "recipes/study/$teachers_of.yaml" --teacher "$t"
     done
-    $ASIB prepare-data recipes/study/fmnist_transfer.yaml || true
+    for r in "${students[@]}"; do $ASIB prepare-data "recipes/study/$r.yaml" || true; done
     ;;
   lr)
     compare "$2" lr --methods ce --seeds 0 --tune ce:student_optim.lr=0.003,0.01,0.03
@@ -123,10 +130,14 @@ for arm in json.load(open(sys.argv[1]))["arms"]:
   snapshot)
     # Every run's recipe.yaml, summary.json and metrics.jsonl and every study's compare.* files:
     # enough for `asib compare` to count a run as finished. Weights stay out, but the teachers'.
+    # The held-out yardstick's teachers (trained on fmnist_rest) are teachers/rest-<name>.*.
     mkdir -p studies/fmnist/teachers
     for t in resnet20 mobilenetv2; do
       cp "runs/fmnist_full/teachers/$t/model.safetensors" "studies/fmnist/teachers/$t.safetensors"
       cp "runs/fmnist_full/teachers/$t/summary.json" "studies/fmnist/teachers/$t.summary.json"
+      [ -f "runs/fmnist_rest/teachers/$t/summary.json" ] || continue
+      cp "runs/fmnist_rest/teachers/$t/model.safetensors" "studies/fmnist/teachers/rest-$t.safetensors"
+      cp "runs/fmnist_rest/teachers/$t/summary.json" "studies/fmnist/teachers/rest-$t.summary.json"
     done
     (cd runs/study && find . -name train_state.safetensors -printf '%h\n' | sort -u > /tmp/asib_unfinished)
     (cd runs/study && find . \( -name recipe.yaml -o -name summary.json -o -name metrics.jsonl \
@@ -140,8 +151,14 @@ for arm in json.load(open(sys.argv[1]))["arms"]:
       dst="runs/fmnist_full/teachers/$t"
       [ -f "$dst/model.safetensors" ] || { mkdir -p "$dst" && cp "studies/fmnist/teachers/$t.safetensors" "$dst/model.safetensors" &&
         cp "studies/fmnist/teachers/$t.summary.json" "$dst/summary.json"; }   # the data step then skips it
+      dst="runs/fmnist_rest/teachers/$t"
+      [ -f "studies/fmnist/teachers/rest-$t.safetensors" ] && [ ! -f "$dst/model.safetensors" ] &&
+        mkdir -p "$dst" && cp "studies/fmnist/teachers/rest-$t.safetensors" "$dst/model.safetensors" &&
+        cp "studies/fmnist/teachers/rest-$t.summary.json" "$dst/summary.json"
     done
-    mkdir -p runs/study && cp -rn studies/fmnist/A studies/fmnist/B runs/study/ 2>/dev/null || true
+    mkdir -p runs/study
+    for y in A B H; do [ -d "studies/fmnist/$y" ] && cp -rn "studies/fmnist/$y" runs/study/; done
+    true
     ;;
   *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'

@@ -744,3 +744,29 @@ def test_normalisation_zero_mean_and_options(digits_dir: Path) -> None:
         make_loader(digits_dir, "test", batch_size=10, device="cpu", num_classes=5)
     with pytest.raises(DataError, match="no full batch"):
         make_loader(digits_dir, "val", batch_size=10_000, device="cpu", train=True)
+
+
+def test_transfer_split_rest_is_the_complement_of_the_transfer_set(tmp_path: Path) -> None:
+    full = prepare_data(DataSpec(source="digits", val_fraction=0.2), tmp_path / "full", "full")
+    subset = prepare_data(DataSpec(source="digits", val_fraction=0.2, transfer_subset=300), tmp_path / "sub", "sub")
+    rest = prepare_data(
+        DataSpec(source="digits", val_fraction=0.2, transfer_subset=300, transfer_split="rest"), tmp_path / "rest", "rest"
+    )
+    assert rest.transfer_split == "rest" and subset.transfer_split == "subset"
+    assert rest.counts["train"] + subset.counts["train"] == full.counts["train"]
+    assert rest.mean == subset.mean == full.mean and rest.std == full.std  # normalised alike
+    for split in ("val", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(load_split(tmp_path / "rest", split),
+                                                       load_split(tmp_path / "sub", split), strict=True))
+
+    def rows(folder: str) -> list[tuple[float, ...]]:
+        return [tuple(x.flatten().tolist()) for x in load_split(tmp_path / folder, "train")[0]]
+
+    full_rows, sub_rows, rest_rows = rows("full"), rows("sub"), rows("rest")
+    assert sorted(sub_rows + rest_rows) == sorted(full_rows)  # disjoint, and together the training split
+    assert DatasetInfo.from_dict(json.loads((tmp_path / "rest" / "dataset.json").read_text())).transfer_split == "rest"
+    with pytest.raises(ValueError, match="needs transfer_subset"):
+        DataSpec(source="digits", transfer_split="rest")
+    with pytest.raises(DataError, match="would keep none"):
+        prepare_data(DataSpec(source="digits", val_fraction=0.2, transfer_subset=5000, transfer_split="rest"),
+                     tmp_path / "none", "none")

@@ -96,7 +96,7 @@ def test_recipe_names_complete_in_the_shell(tmp_path: Path, monkeypatch: pytest.
     # through Typer's completion hook, as the installed bash completion calls it
     env = {"_ASIB_COMPLETE": "complete_bash", "COMP_WORDS": "asib distill stu", "COMP_CWORD": "2"}
     r = runner.invoke(app, [], env=env, prog_name="asib")
-    assert r.output.split() == ["study/fmnist_full", "study/fmnist_transfer"]
+    assert r.output.split() == ["study/fmnist_full", "study/fmnist_heldout", "study/fmnist_rest", "study/fmnist_transfer"]
 
 
 # ---------------------------------------------------------------- --version, completion, examples

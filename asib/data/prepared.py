@@ -55,6 +55,7 @@ class DatasetInfo:
     channels: int = 3
     format_version: int = FORMAT_VERSION
     transfer_subset: int | None = None
+    transfer_split: str = "subset"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -93,6 +94,7 @@ class DatasetInfo:
                 channels=int(data["channels"]),
                 format_version=int(version),
                 transfer_subset=None if data.get("transfer_subset") is None else int(data["transfer_subset"]),
+                transfer_split=str(data.get("transfer_split", "subset")),
             )
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise DataError(
@@ -284,8 +286,9 @@ def _carve_splits(
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """train_subset, then the val split, then transfer_subset (all seeded, stratified), then 3 channels and resizing.
 
+    ``transfer_split`` 'rest' keeps the training images the transfer subset leaves out instead.
     Also returns the images mean/std are computed on: the training split before
-    ``transfer_subset``, so a transfer set is normalised as the teachers' training data was.
+    ``transfer_subset``, so the transfer set and its rest are normalised alike.
     """
     train_x, train_y = raw.train_images, raw.train_labels
     if spec.train_subset is not None and spec.train_subset < len(train_y):
@@ -293,9 +296,16 @@ def _carve_splits(
         train_x, train_y = train_x[keep], train_y[keep]
     train_idx, val_idx = stratified_split(train_y, spec.val_fraction, spec.split_seed, stream=2)
     stats_idx = train_idx
+    if spec.transfer_split == "rest" and spec.transfer_subset is not None and spec.transfer_subset >= len(train_idx):
+        raise DataError(
+            f"{spec.source}: transfer_subset {spec.transfer_subset} takes all {len(train_idx)} training images,"
+            " so transfer_split 'rest' would keep none"
+        )
     if spec.transfer_subset is not None and spec.transfer_subset < len(train_idx):
-        _, keep = stratified_split(train_y[train_idx], spec.transfer_subset / len(train_idx), spec.split_seed, stream=3)
-        train_idx = train_idx[keep]
+        rest, subset = stratified_split(
+            train_y[train_idx], spec.transfer_subset / len(train_idx), spec.split_seed, stream=3
+        )
+        train_idx = train_idx[rest if spec.transfer_split == "rest" else subset]
     arrays = {
         "train": (train_x[train_idx], train_y[train_idx]),
         "val": (train_x[val_idx], train_y[val_idx]),
@@ -428,6 +438,7 @@ def _write_folder(
         val_fraction=spec.val_fraction,
         train_subset=spec.train_subset,
         transfer_subset=spec.transfer_subset,
+        transfer_split=spec.transfer_split if spec.transfer_subset is not None else "subset",
         counts={split: len(labels) for split, (_, labels) in tensors.items()},
         sha256=sha,
     )
