@@ -438,7 +438,7 @@ def _write_folder(
         val_fraction=spec.val_fraction,
         train_subset=spec.train_subset,
         transfer_subset=spec.transfer_subset,
-        transfer_split=spec.transfer_split if spec.transfer_subset is not None else "subset",
+        transfer_split=spec.transfer_split,
         counts={split: len(labels) for split, (_, labels) in tensors.items()},
         sha256=sha,
     )
