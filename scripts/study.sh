@@ -56,6 +56,9 @@ compare() {  # compare YARDSTICK STEP ARGS...; STUDENT=ARCH: the same step for a
 }
 
 BASELINES=ce,avg_kd,dkd,ca_mkd,dist
+# The teachers a snapshot keeps (RECIPE_NAME:PREFIX): yardstick A's as teachers/<name>.*, the
+# held-out yardstick's (trained on fmnist_rest) as teachers/rest-<name>.*.
+TEACHER_SETS=(fmnist_full: fmnist_rest:rest-)
 TUNE_ALL=(avg_kd:tau=1,2,4 ca_mkd:tau=1,2,4 dist:tau=1,2,4,8 dkd:tau=1,4 dkd:dkd.beta=2,8)
 
 methods_and_tunes() {  # methods_and_tunes DEFAULT_METHODS: --methods (METHODS if set) and their --tune grids
@@ -69,15 +72,15 @@ methods_and_tunes() {  # methods_and_tunes DEFAULT_METHODS: --methods (METHODS i
 
 case "${1:-}" in
   data)
-    teachers_of=fmnist_full students=(fmnist_transfer)
-    [ "${2:-}" = H ] && teachers_of=fmnist_rest students=(fmnist_heldout)
+    teachers_of=fmnist_full student_data=fmnist_transfer
+    [ "${2:-}" = H ] && teachers_of=fmnist_rest student_data=fmnist_heldout
     $ASIB prepare-data "recipes/study/$teachers_of.yaml" || true   # refuses to overwrite a prepared folder
     for t in resnet20 mobilenetv2; do
       [ -f "runs/$teachers_of/teachers/$t/summary.json" ] ||
         $ASIB finetune-teacher "recipes/study/$teachers_of.yaml" --teacher "$t" --resume ||
         $ASIB finetune-teacher "recipes/study/$teachers_of.yaml" --teacher "$t"
     done
-    for r in "${students[@]}"; do $ASIB prepare-data "recipes/study/$r.yaml" || true; done
+    $ASIB prepare-data "recipes/study/$student_data.yaml" || true
     ;;
   lr)
     compare "$2" lr --methods ce --seeds 0 --tune ce:student_optim.lr=0.003,0.01,0.03
@@ -130,14 +133,13 @@ for arm in json.load(open(sys.argv[1]))["arms"]:
   snapshot)
     # Every run's recipe.yaml, summary.json and metrics.jsonl and every study's compare.* files:
     # enough for `asib compare` to count a run as finished. Weights stay out, but the teachers'.
-    # The held-out yardstick's teachers (trained on fmnist_rest) are teachers/rest-<name>.*.
     mkdir -p studies/fmnist/teachers
-    for t in resnet20 mobilenetv2; do
-      cp "runs/fmnist_full/teachers/$t/model.safetensors" "studies/fmnist/teachers/$t.safetensors"
-      cp "runs/fmnist_full/teachers/$t/summary.json" "studies/fmnist/teachers/$t.summary.json"
-      [ -f "runs/fmnist_rest/teachers/$t/summary.json" ] || continue
-      cp "runs/fmnist_rest/teachers/$t/model.safetensors" "studies/fmnist/teachers/rest-$t.safetensors"
-      cp "runs/fmnist_rest/teachers/$t/summary.json" "studies/fmnist/teachers/rest-$t.summary.json"
+    for set in "${TEACHER_SETS[@]}"; do
+      for t in resnet20 mobilenetv2; do
+        src="runs/${set%%:*}/teachers/$t" kept="studies/fmnist/teachers/${set#*:}$t"
+        [ -f "$src/summary.json" ] || continue   # not trained (yet)
+        cp "$src/model.safetensors" "$kept.safetensors" && cp "$src/summary.json" "$kept.summary.json"
+      done
     done
     (cd runs/study && find . -name train_state.safetensors -printf '%h\n' | sort -u > /tmp/asib_unfinished)
     (cd runs/study && find . \( -name recipe.yaml -o -name summary.json -o -name metrics.jsonl \
@@ -147,14 +149,13 @@ for arm in json.load(open(sys.argv[1]))["arms"]:
     done
     ;;
   restore)
-    for t in resnet20 mobilenetv2; do
-      dst="runs/fmnist_full/teachers/$t"
-      [ -f "$dst/model.safetensors" ] || { mkdir -p "$dst" && cp "studies/fmnist/teachers/$t.safetensors" "$dst/model.safetensors" &&
-        cp "studies/fmnist/teachers/$t.summary.json" "$dst/summary.json"; }   # the data step then skips it
-      dst="runs/fmnist_rest/teachers/$t"
-      [ -f "studies/fmnist/teachers/rest-$t.safetensors" ] && [ ! -f "$dst/model.safetensors" ] &&
-        mkdir -p "$dst" && cp "studies/fmnist/teachers/rest-$t.safetensors" "$dst/model.safetensors" &&
-        cp "studies/fmnist/teachers/rest-$t.summary.json" "$dst/summary.json"
+    for set in "${TEACHER_SETS[@]}"; do
+      for t in resnet20 mobilenetv2; do
+        dst="runs/${set%%:*}/teachers/$t" kept="studies/fmnist/teachers/${set#*:}$t"
+        [ -f "$kept.safetensors" ] && [ ! -f "$dst/model.safetensors" ] || continue
+        mkdir -p "$dst" && cp "$kept.safetensors" "$dst/model.safetensors" &&
+          cp "$kept.summary.json" "$dst/summary.json"   # the data step then skips it
+      done
     done
     mkdir -p runs/study
     for y in A B H; do [ -d "studies/fmnist/$y" ] && cp -rn "studies/fmnist/$y" runs/study/; done

@@ -296,16 +296,16 @@ def _carve_splits(
         train_x, train_y = train_x[keep], train_y[keep]
     train_idx, val_idx = stratified_split(train_y, spec.val_fraction, spec.split_seed, stream=2)
     stats_idx = train_idx
-    if spec.transfer_split == "rest" and spec.transfer_subset is not None and spec.transfer_subset >= len(train_idx):
-        raise DataError(
-            f"{spec.source}: transfer_subset {spec.transfer_subset} takes all {len(train_idx)} training images,"
-            " so transfer_split 'rest' would keep none"
-        )
     if spec.transfer_subset is not None and spec.transfer_subset < len(train_idx):
         rest, subset = stratified_split(
             train_y[train_idx], spec.transfer_subset / len(train_idx), spec.split_seed, stream=3
         )
         train_idx = train_idx[rest if spec.transfer_split == "rest" else subset]
+    elif spec.transfer_split == "rest":
+        raise DataError(
+            f"{spec.source}: transfer_subset {spec.transfer_subset} takes all {len(train_idx)} training images,"
+            " so transfer_split 'rest' would keep none"
+        )
     arrays = {
         "train": (train_x[train_idx], train_y[train_idx]),
         "val": (train_x[val_idx], train_y[val_idx]),
